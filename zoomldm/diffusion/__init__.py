@@ -14,7 +14,8 @@ from .schedule import (
 )
 
 __all__ = [
-    "FINAL_ALPHA_ONE", "Schedule", "cfg_eps_fn", "ddim_sample", "ddim_sigma", "ddim_step", "eps_fn_from_x0_fn",
+    "FINAL_ALPHA_ONE", "Schedule", "cfg_eps_fn", "ddim_sample", "ddim_sigma", "ddim_step",
+    "eps_fn_from_x0_fn",
     "gaussian_log_likelihood", "item_generators", "item_seed", "normal_kl", "plms_sample", "randn_items",
     "sampling_timesteps", "scale_from_w", "step_noise_fn", "w_from_scale",
 ]
