@@ -1,0 +1,71 @@
+"""Shared test fixtures: small synthetic images and slide files written on the fly (nothing is downloaded)."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+
+def make_he(h: int = 600, w: int = 700, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth H&E-like RGB uint8 image: a pink (eosin) ellipse with purple (haematoxylin) patches on white
+    glass. Returns (rgb (h, w, 3) uint8, tissue (h, w) bool: the ellipse). Fresh copies of a cached result."""
+    rgb, tissue = _make_he(h, w, seed)
+    return rgb.copy(), tissue.copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _make_he(h: int, w: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    tissue = ((yy - h / 2) / (0.38 * h)) ** 2 + ((xx - w / 2) / (0.36 * w)) ** 2 <= 1.0
+    # Smooth random field in [0, 1] decides eosin vs haematoxylin.
+    field = ndimage.gaussian_filter(rng.standard_normal((h, w)), sigma=12)
+    field = (field - field.min()) / (np.ptp(field) + 1e-12)
+    pink, purple, glass = np.array([235, 150, 190]), np.array([120, 60, 150]), np.array([246, 244, 247])
+    stain = pink + (purple - pink) * np.clip(1.6 * field - 0.3, 0, 1)[..., None]
+    rgb = np.where(tissue[..., None], stain, glass)
+    rgb = ndimage.gaussian_filter(rgb, sigma=(1.5, 1.5, 0))  # soft tissue edge
+    return np.clip(np.round(rgb), 0, 255).astype(np.uint8), tissue
+
+
+def block_mean_pyramid(base: np.ndarray, n_levels: int) -> list[np.ndarray]:
+    """Levels made by exact 2x2 means (sizes rounded down), as scanners and `vips tiffsave --pyramid` do."""
+    levels = [base]
+    for _ in range(n_levels - 1):
+        a = levels[-1].astype(np.float64)
+        h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
+        a = a[:h, :w].reshape(h // 2, 2, w // 2, 2, -1).mean(axis=(1, 3))  # (h/2, w/2, C)
+        levels.append(np.round(a).astype(base.dtype))
+    return levels
+
+
+def write_pyramid(path: str | Path, base: np.ndarray, n_levels: int = 3, compression: str = "zlib",
+                  mpp: float | None = 0.5, tile: int = 256) -> Path:
+    """A tiled pyramidal RGB TIFF (environment-probe.md §3 recipe); OpenSlide reads it as generic-tiff."""
+    import tifffile
+
+    path = Path(path)
+    with tifffile.TiffWriter(path) as tw:
+        for i, level in enumerate(block_mean_pyramid(base, n_levels)):
+            kw = {}
+            if mpp is not None:  # pixels per centimetre
+                kw = dict(resolution=(1e4 / (mpp * 2 ** i),) * 2, resolutionunit="CENTIMETER")
+            tw.write(level, tile=(tile, tile), compression=compression, photometric="rgb",
+                     subfiletype=0 if i == 0 else 1, **kw)
+    return path
+
+
+@pytest.fixture
+def he_rgb() -> np.ndarray:
+    """600 x 700 synthetic H&E-like RGB uint8 image (tissue ellipse on white)."""
+    return make_he()[0]
+
+
+@pytest.fixture
+def pyramid_tiff(tmp_path) -> Path:
+    """3-level (1.0, 2.0, 4.0) zlib pyramid TIFF of a 1000 x 1234 synthetic H&E image, mpp 0.5 (20x).
+    The base array is `make_he(1000, 1234)[0]`."""
+    return write_pyramid(tmp_path / "pyramid.tif", make_he(1000, 1234)[0])
