@@ -5,7 +5,11 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "workflow/configs/demo.yaml"
+# The demo config is the default only when no --configfile is given: Snakemake merges --configfile into a
+# `configfile:` key by key, which would leak demo settings into a paper run.
+if not workflow.overwrite_configfiles:
+
+    configfile: "workflow/configs/demo.yaml"
 
 
 include: "workflow/rules/common.smk"

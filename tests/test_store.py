@@ -68,8 +68,13 @@ def test_dataset_items_are_standardised_padded_grids(built):
     assert torch.count_nonzero(item["grid"][:, 2:, :]) == 0
     img = parts["slideB"]["10x"]["images"][1]
     np.testing.assert_allclose(item["image"].numpy(), img.transpose(2, 0, 1) / 127.5 - 1, atol=1e-6)
-    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=17)))
+    batch = next(iter(ds.loader(batch_size=17)))
     assert batch["grid"].shape == (17, C, 8, 8)
+    for i in (0, 5, 12, 16):                                   # a batched read equals item-by-item reads
+        for k in ("grid", "image", "mag", "grid_side"):
+            torch.testing.assert_close(batch[k][i], ds[i][k], rtol=0, atol=0)
+    with pytest.raises(TypeError, match="collate_fn=RegionDataset.collate"):
+        next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
 
 
 def test_missing_latents_and_magnification_are_clear_errors(built):

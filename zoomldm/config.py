@@ -69,6 +69,25 @@ class EncoderConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Settings of the one training loop (zoomldm/training/loop.py), shared by every trainer."""
+    preset: Literal["paper", "small"] = "small"
+    batch_size: int = 8                      # global batch: the same whatever the number of processes
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0                    # linear warm-up from 0 to lr (official: 1e-6x -> 1x over 1k steps)
+    max_steps: int = 1000
+    ema_decay: float | None = 0.9999         # None: no EMA
+    grad_clip: float | None = None           # max global grad norm; None: no clipping
+    checkpoint_every: int = 500              # steps between checkpoints (resume loses at most this many)
+    log_every: int = 10
+    precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 autocast on CUDA, fp32 on CPU
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass
 class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)

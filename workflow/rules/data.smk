@@ -1,6 +1,5 @@
 # Dataset stage: slides -> per-slide parts (tiles, embeddings, regions) -> sharded store -> table + montage.
 
-
 if CFG.demo_data:
 
     rule fetch_demo:
@@ -11,9 +10,10 @@ if CFG.demo_data:
         conda:
             ENV
         params:
+            cli=ZOOMLDM,
             which=CFG.demo_data,
         shell:
-            "{ZOOMLDM} data fetch-demo {params.which} --out resources/demo > {log} 2>&1"
+            "{params.cli} data fetch-demo {params.which} --out resources/demo > {log} 2>&1"
 
 
 rule extract_slide:
@@ -32,9 +32,12 @@ rule extract_slide:
         runtime=120,
     conda:
         ENV
+    params:
+        cli=ZOOMLDM,
+        parts=lambda wc, output: os.path.dirname(output[0]),
     shell:
-        "{ZOOMLDM} data extract --config {input.config} --slide {input.slide} --parts {PARTS} "
-        "--no-progress > {log} 2>&1"
+        "{params.cli} data extract --config {input.config} --slide {input.slide} "
+        "--parts {params.parts} --no-progress > {log} 2>&1"
 
 
 rule build_store:
@@ -47,8 +50,13 @@ rule build_store:
         "logs/data/build_store.log",
     conda:
         ENV
+    params:
+        cli=ZOOMLDM,
+        parts=lambda wc, input: os.path.dirname(input.parts[0]),
+        store=lambda wc, output: os.path.dirname(output[0]),
     shell:
-        "{ZOOMLDM} data build-store --config {input.config} --parts {PARTS} --out {STORE} > {log} 2>&1"
+        "{params.cli} data build-store --config {input.config} --parts {params.parts} "
+        "--out {params.store} > {log} 2>&1"
 
 
 rule dataset_summary:
@@ -68,8 +76,11 @@ rule dataset_summary:
         "logs/data/dataset_summary.log",
     conda:
         ENV
+    params:
+        cli=ZOOMLDM,
+        table=lambda wc, output: os.path.splitext(output.csv)[0],
     shell:
-        "{ZOOMLDM} data summary --config {input.config} --table results/tables/dataset "
+        "{params.cli} data summary --config {input.config} --table {params.table} "
         "--montage {output.montage} > {log} 2>&1"
 
 

@@ -14,13 +14,25 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from zoomldm.data.regions import standardize_tokens
+from zoomldm.data.regions import TOKEN_EPS
 from zoomldm.data.store import RegionStore, StoreError
 from zoomldm.mags import MAX_GRID
 
 
+class Batch(dict):
+    """A collated batch. Indexing it with an int means a DataLoader's default collate got it: say what to do."""
+
+    def __getitem__(self, key):
+        if isinstance(key, int):
+            raise TypeError("RegionDataset returns whole batches: build the DataLoader with "
+                            "collate_fn=RegionDataset.collate (or use RegionDataset.loader)")
+        return super().__getitem__(key)
+
+
 class RegionDataset(Dataset):
     """Items: dict of tensors.
+
+    Read batches through a DataLoader with `collate_fn=RegionDataset.collate` (batched reads, issue-2 speed).
 
     - `grid` (C, 8, 8) float32: the per-token standardised SSL grid, placed in the top-left g x g corner,
       zeros elsewhere; `grid_side` (int) = g. (Fixed shape so items of different magnifications collate.)
@@ -59,21 +71,69 @@ class RegionDataset(Dataset):
         return k, index - self.offsets[k]
 
     def __getitem__(self, index: int) -> dict:
-        k, i = self.locate(index)
-        t = self.tables[k]
-        g = t.magnification.grid_side
-        grid = np.asarray(t.get("grids", i), dtype=np.float32)              # (C, g, g)
-        if self.standardize:
-            grid = standardize_tokens(grid)
-        padded = np.zeros((grid.shape[0], MAX_GRID, MAX_GRID), dtype=np.float32)
-        padded[:, :g, :g] = grid
-        item = {"grid": torch.from_numpy(padded), "grid_side": g, "mag": t.magnification.index}
-        if self.latents:
-            item["latent"] = torch.from_numpy(np.asarray(t.get("latents", i), dtype=np.float32))
-        if self.images:
-            img = torch.from_numpy(np.array(t.get("images", i)))            # (P, P, 3) uint8
-            item["image"] = img.permute(2, 0, 1).float() / 127.5 - 1.0       # (3, P, P)
-        return item
+        return {k: v[0] for k, v in self.__getitems__([index]).items()}
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        """A whole batch at once (DataLoader calls this when present): one vectorised read per shard.
+
+        Returns the collated batch; pass `collate_fn=RegionDataset.collate` to the DataLoader.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        k = np.searchsorted(np.asarray(self.offsets), indices, side="right") - 1
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"index out of range for a dataset of {len(self)} samples")
+        rows = indices - np.asarray(self.offsets)[k]
+        n = len(indices)
+        C = self.tables[0].shard("grids", 0).shape[1]
+        grid = torch.zeros((n, C, MAX_GRID, MAX_GRID), dtype=torch.float32)
+        side = np.empty(n, dtype=np.int64)
+        mag = np.empty(n, dtype=np.int64)
+        latent = image = None
+        for tk in np.unique(k):
+            t = self.tables[tk]
+            sel = np.flatnonzero(k == tk)
+            g = t.magnification.grid_side
+            side[sel], mag[sel] = g, t.magnification.index
+            grids = torch.from_numpy(self._gather(t, "grids", rows[sel])).float()   # (m, C, g, g)
+            if self.standardize:  # = regions.standardize_tokens, in place, two-pass (4x faster than std_mean)
+                grids.sub_(grids.mean(dim=1, keepdim=True))
+                std = grids.square().sum(dim=1, keepdim=True).div_(grids.shape[1] - 1).sqrt_()
+                grids.div_(std.add_(TOKEN_EPS))
+            grid[torch.from_numpy(sel), :, :g, :g] = grids
+            if self.latents:
+                lat = self._gather(t, "latents", rows[sel])
+                latent = np.empty((n, *lat.shape[1:]), np.float32) if latent is None else latent
+                latent[sel] = lat
+            if self.images:
+                img = self._gather(t, "images", rows[sel])                            # (m, P, P, 3) uint8
+                image = np.empty((n, 3, *img.shape[1:3]), np.float32) if image is None else image
+                image[sel] = img.transpose(0, 3, 1, 2) / np.float32(127.5) - 1.0
+        out = Batch({"grid": grid, "grid_side": torch.from_numpy(side), "mag": torch.from_numpy(mag)})
+        if latent is not None:
+            out["latent"] = torch.from_numpy(latent)
+        if image is not None:
+            out["image"] = torch.from_numpy(image)
+        return out
+
+    @staticmethod
+    def _gather(t, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows of one magnification, read shard by shard with one fancy-index each (memory-mapped)."""
+        shard, row = np.divmod(rows, t.shard_size)
+        first = t.shard(name, int(shard[0]))
+        out = np.empty((len(rows), *first.shape[1:]), dtype=first.dtype)
+        for s in np.unique(shard):
+            sel = np.flatnonzero(shard == s)
+            out[sel] = t.shard(name, int(s))[row[sel]]
+        return out
+
+    def loader(self, batch_size: int, sampler=None, num_workers: int = 0, **kwargs):
+        return torch.utils.data.DataLoader(self, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                           collate_fn=RegionDataset.collate, **kwargs)
+
+    @staticmethod
+    def collate(batch):
+        """`__getitems__` already returns a collated batch; fall back to default collation for item lists."""
+        return batch if isinstance(batch, dict) else torch.utils.data.default_collate(batch)
 
 
 class UniformMagnificationSampler(Sampler[int]):

@@ -60,12 +60,15 @@ def pooled_grid(tiles: np.ndarray, r: int, c: int, m: mags.Magnification) -> np.
     return np.ascontiguousarray(pooled.transpose(2, 0, 1))             # (C, g, g)
 
 
-def standardize_tokens(grid: np.ndarray, eps: float = 1e-8) -> np.ndarray:
-    """Per-token standardisation across channels (official `normalize_ssl`): grid (C, h, w).
+TOKEN_EPS = 1e-8
+
+
+def standardize_tokens(grid: np.ndarray, eps: float = TOKEN_EPS, axis: int = 0) -> np.ndarray:
+    """Per-token standardisation across channels (official `normalize_ssl`): channels on `axis`.
 
     Subtract each location's channel mean and divide by its unbiased channel std + eps (a LayerNorm without
     affine parameters; official ldm/data/brca.py).
     """
-    mean = grid.mean(axis=0, keepdims=True)
-    std = grid.std(axis=0, ddof=1, keepdims=True)
+    mean = grid.mean(axis=axis, keepdims=True)
+    std = grid.std(axis=axis, ddof=1, keepdims=True)
     return (grid - mean) / (std + eps)

@@ -1,0 +1,84 @@
+"""The Snakemake workflow: lint, dry-run plans for the paper configs, config errors, and (slow) a real run."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
+
+
+def _run(args, cwd, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    return subprocess.run(SNAKEMAKE + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _config(tmp_path, base: str, **dataset) -> Path:
+    cfg = yaml.safe_load((ROOT / "workflow/configs" / base).read_text())
+    cfg["dataset"].update(dataset)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_lint_is_clean():
+    res = _run(["--lint"], cwd=ROOT)
+    assert res.returncode == 0 and "Congratulations" in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("base, ext", [("brca.yaml", "svs"), ("naip.yaml", "tif")])
+def test_dry_run_plans_the_data_stage_for_a_directory_of_slides(tmp_path, base, ext):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i in range(3):
+        (slides / f"S{i}.{ext}").touch()
+    cfg = _config(tmp_path, base, inputs=f"{slides}/*.{ext}")
+    res = _run(["dataset", "-n", "--configfile", str(cfg)], cwd=tmp_path)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    jobs = {l.split()[0]: int(l.split()[1]) for l in out.splitlines()
+            if len(l.split()) == 2 and l.split()[1].isdigit()}
+    assert jobs["extract_slide"] == 3 and jobs["build_store"] == 1 and jobs["dataset_summary"] == 1
+
+
+def test_bad_config_key_is_one_clear_line(tmp_path):
+    cfg = _config(tmp_path, "brca.yaml", inputs="nothing/*.svs", patch_pxx=3)
+    res = _run(["-n", "--configfile", str(cfg)], cwd=tmp_path)
+    assert res.returncode != 0
+    assert "config key 'dataset.patch_pxx' is not known (did you mean 'patch_px'?)" in res.stdout + res.stderr
+
+
+def test_no_matching_slides_is_one_clear_line(tmp_path):
+    cfg = _config(tmp_path, "brca.yaml", inputs=f"{tmp_path}/none/*.svs")
+    res = _run(["-n", "--configfile", str(cfg)], cwd=tmp_path)
+    assert res.returncode != 0 and "dataset.inputs matches no file" in res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_dataset_stage_runs_end_to_end(tmp_path):
+    from conftest import make_he
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i, (h, w) in enumerate([(160, 192), (128, 128)]):
+        Image.fromarray(make_he(h, w, seed=i)[0]).save(slides / f"slide{i}.png")
+    (slides / "broken.png").write_bytes(b"not an image")
+    cfg = _config(tmp_path, "demo.yaml", inputs=f"{slides}/*.png", patch_px=32,
+                  magnifications=["20x", "10x", "5x"], stride_fraction_by_mag={})
+    cfg_data = yaml.safe_load(cfg.read_text())
+    cfg_data["demo_data"] = None
+    cfg.write_text(yaml.safe_dump(cfg_data))
+    res = _run(["--cores", "2", "--configfile", str(cfg)], cwd=tmp_path, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    table = (tmp_path / "results/tables/dataset.csv").read_text().splitlines()
+    assert table[0].startswith("slide,status,20x,10x,5x")
+    rows = {r.split(",")[0]: r for r in table[1:]}
+    assert rows["broken"].split(",")[1] == "failed" and "broken.png" in rows["broken"]
+    assert rows["slide0"].split(",")[1] == "ok"
+    assert (tmp_path / "results/figures/dataset_montage.png").stat().st_size > 1000
+    img = np.asarray(Image.open(tmp_path / "results/figures/dataset_montage.png"))
+    assert img.std() > 5                                       # not a blank figure
