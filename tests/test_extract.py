@@ -7,7 +7,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import make_he, write_pyramid
-from zoomldm import mags
 from zoomldm.config import config_from_dict
 from zoomldm.data.extract import extract_slide
 from zoomldm.data.readers import open_slide

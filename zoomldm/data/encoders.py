@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from zoomldm.metrics.extractors import IMAGENET_MEAN, IMAGENET_STD, MissingWeightsError, load_effnet_lite0
+from zoomldm.pretrained import IMAGENET_MEAN, IMAGENET_STD, MissingWeightsError, load_effnet_lite0
 
 log = logging.getLogger(__name__)
 
