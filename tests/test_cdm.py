@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -115,9 +116,10 @@ def test_sincos_closed_form():
 def test_adaln_zero_init_outputs_zero_and_shapes():
     torch.manual_seed(0)
     model = ConditionDiT(CDM_PRESETS["small"])
+    C = CDM_PRESETS["small"].in_channels
+    out = model(torch.randn(2, C, 65), torch.tensor([10, 500]), torch.tensor([0, 7]))
+    assert out.shape == (2, 2 * C, 65) and not out.any()  # zero-initialised final layer (DiT §3.2)
     x = torch.randn(2, 64, 65)
-    out = model(x, torch.tensor([10, 500]), torch.tensor([0, 7]))
-    assert out.shape == (2, 128, 65) and not out.any()  # zero-initialised final layer (DiT §3.2)
     plain = ConditionDiT(CDMConfig(in_channels=64, hidden_size=32, depth=1, num_heads=2, learn_sigma=False))
     assert plain(x, torch.tensor([1, 2]), torch.tensor([0, 1])).shape == (2, 64, 65)
 
@@ -142,6 +144,6 @@ def test_attention_and_mlp_match_timm():
     (torch.randn(2, 64, 65), torch.zeros(2), torch.tensor([0, 8]), "mag must be"),
 ])
 def test_bad_inputs_raise_clear_errors(x, t, mag, match):
-    model = ConditionDiT(CDM_PRESETS["small"])
+    model = ConditionDiT(dataclasses.replace(CDM_PRESETS["small"], in_channels=64))
     with pytest.raises(ValueError, match=match):
         model(x, t, mag)

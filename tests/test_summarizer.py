@@ -181,3 +181,12 @@ def test_bad_inputs_raise_clear_errors(grid, mag, grid_size, match):
     model = Summarizer(tiny_config())
     with pytest.raises(ValueError, match=match):
         model(grid, mag, grid_size=grid_size)
+
+
+def test_small_presets_fit_together():
+    from zoomldm.models.cdm import CDM_PRESETS
+    from zoomldm.models.unet import UNET_PRESETS
+    hidden = SUMMARIZER_PRESETS["small"].hidden_dim
+    assert UNET_PRESETS["small"].context_dim == hidden == CDM_PRESETS["small"].in_channels
+    assert UNET_PRESETS["paper"].context_dim == SUMMARIZER_PRESETS["paper"].hidden_dim == \
+        CDM_PRESETS["paper"].in_channels

@@ -105,7 +105,7 @@ class CDMConfig:
 CDM_PRESETS: dict[str, CDMConfig] = {
     "paper": CDMConfig(),  # DiT-B: depth 12, hidden 768, 12 heads over 65 x 512 tokens
     # CPU-sized, same topology; in_channels = the small Summarizer's hidden_dim.
-    "small": CDMConfig(in_channels=64, hidden_size=96, depth=2, num_heads=4),
+    "small": CDMConfig(in_channels=128, hidden_size=96, depth=2, num_heads=4),  # in = small Summarizer width
 }
 
 

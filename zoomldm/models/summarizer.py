@@ -112,7 +112,7 @@ SUMMARIZER_PRESETS: dict[str, SummarizerConfig] = {
     "paper": SummarizerConfig(),  # BRCA; NAIP is dataclasses.replace(..., mag_levels=4)
     # CPU-sized, same topology; input_dim 1280 = our EfficientNet-Lite0 stand-in encoder
     # (other encoders: dataclasses.replace(SUMMARIZER_PRESETS["small"], input_dim=...)).
-    "small": SummarizerConfig(input_dim=1280, hidden_dim=64, mlp_dim=256, depth=2, num_heads=4),
+    "small": SummarizerConfig(input_dim=1280, hidden_dim=128, mlp_dim=512, depth=2, num_heads=4),
 }
 
 
