@@ -69,3 +69,27 @@ def pyramid_tiff(tmp_path) -> Path:
     """3-level (1.0, 2.0, 4.0) zlib pyramid TIFF of a 1000 x 1234 synthetic H&E image, mpp 0.5 (20x).
     The base array is `make_he(1000, 1234)[0]`."""
     return write_pyramid(tmp_path / "pyramid.tif", make_he(1000, 1234)[0])
+
+
+def fake_part(root, slide, counts, seed, P=16, C=6, latents=False):
+    """A store part with random images/grids (and latents) for the given {magnification: count}."""
+    import pandas as pd
+    from zoomldm import mags
+    from zoomldm.data import store as st
+    rng = np.random.default_rng(seed)
+    per_mag = {}
+    for name, n in counts.items():
+        m = mags.find("brca", name)
+        g = m.grid_side
+        per_mag[m.slug] = {
+            "images": rng.integers(0, 256, size=(n, P, P, 3), dtype=np.uint8),
+            "grids": rng.normal(size=(n, C, g, g)).astype(np.float16),
+            **({"latents": rng.normal(size=(n, 3, P // 4, P // 4)).astype(np.float16)} if latents else {}),
+            "index": pd.DataFrame({"slide": slide, "magnification": m.name, "mag_index": m.index,
+                                   "x": np.arange(n) * 10, "y": np.arange(n), "row0": 0, "col0": np.arange(n),
+                                   "mask_fraction": np.float32(1.0)}),
+        }
+    meta = {"slide": slide, "status": "ok", "counts": counts,
+            "encoder": {"name": "fake", "dim": C, "is_standin": True}}
+    st.write_part(root / slide, meta, per_mag)
+    return per_mag

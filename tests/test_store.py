@@ -10,33 +10,16 @@ from zoomldm.data import store as st
 from zoomldm.data.dataset import RegionDataset, UniformMagnificationSampler
 from zoomldm.data.regions import standardize_tokens
 
+from conftest import fake_part
+
 P, C = 16, 6
-
-
-def _fake_part(root, slide, counts, seed):
-    rng = np.random.default_rng(seed)
-    per_mag = {}
-    for name, n in counts.items():
-        m = mags.find("brca", name)
-        g = m.grid_side
-        per_mag[m.slug] = {
-            "images": rng.integers(0, 256, size=(n, P, P, 3), dtype=np.uint8),
-            "grids": rng.normal(size=(n, C, g, g)).astype(np.float16),
-            "index": pd.DataFrame({"slide": slide, "magnification": m.name, "mag_index": m.index,
-                                   "x": np.arange(n) * 10, "y": np.arange(n), "row0": 0, "col0": np.arange(n),
-                                   "mask_fraction": np.float32(1.0)}),
-        }
-    meta = {"slide": slide, "status": "ok", "counts": counts,
-            "encoder": {"name": "fake", "dim": C, "is_standin": True}}
-    st.write_part(root / slide, meta, per_mag)
-    return per_mag
 
 
 @pytest.fixture
 def built(tmp_path):
     parts = tmp_path / "parts"
-    a = _fake_part(parts, "slideA", {"20x": 7, "5x": 2}, 0)
-    b = _fake_part(parts, "slideB", {"20x": 4, "10x": 3, "5x": 1}, 1)
+    a = fake_part(parts, "slideA", {"20x": 7, "5x": 2}, 0)
+    b = fake_part(parts, "slideB", {"20x": 4, "10x": 3, "5x": 1}, 1)
     counts = st.build_store(list(parts.iterdir()), tmp_path / "store", "brca", P, shard_size=3,
                             encoder={"name": "fake", "dim": C, "is_standin": True})
     return tmp_path / "store", {"slideA": a, "slideB": b}, counts

