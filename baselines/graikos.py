@@ -42,6 +42,7 @@ class GraikosTask(StoreTask):
     """eps-prediction MSE on base-magnification latents, conditioned on the patch's own raw SSL embedding."""
 
     ema_modules = ("unet",)
+    kind = "graikos"
 
     def __init__(self, store, cfg: GraikosTrainConfig):
         from zoomldm.data.store import RegionStore

@@ -96,7 +96,7 @@ def test_autoencoder_loss_terms(store):
 def test_cdm_task_trains_only_the_dit_on_frozen_summarizer_outputs(store):
     torch.manual_seed(0)
     summ = LDMTask(store, LDMTrainConfig()).modules["summarizer"]
-    task = CDMTask(store, CDMTrainConfig(), summ)
+    task = CDMTask(store, CDMTrainConfig(), summ).to("cpu")
     assert task.modules["cdm"].config.in_channels == summ.config.hidden_dim
     loss = task.loss(_batch(task), torch.Generator().manual_seed(1))
     assert torch.isfinite(loss) and loss > 0

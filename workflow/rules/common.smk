@@ -1,5 +1,4 @@
 # Config validation (one-line errors from zoomldm.config, then the generated JSON schema) and shared paths.
-import hashlib
 import glob as _glob
 import os
 import sys
@@ -19,19 +18,44 @@ except ConfigError as e:
     raise WorkflowError(f"invalid config: {e}") from None
 validate(config, os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml"))
 
-# The resolved config (defaults filled in, --config overrides applied) is what every CLI call reads.
+# The resolved config (defaults filled in, --config overrides applied) is what every CLI call reads. Rules take
+# it as ancient() input and declare the sections they depend on as params, so editing one section (say
+# train.cdm) reruns only the jobs that use it (Snakemake's params rerun trigger).
 _resolved = yaml.safe_dump(to_dict(CFG), sort_keys=True)
-CONFIG = f".snakemake/zoomldm/config-{hashlib.sha1(_resolved.encode()).hexdigest()[:12]}.yaml"
+CONFIG = ".snakemake/zoomldm/config.yaml"
 os.makedirs(os.path.dirname(CONFIG), exist_ok=True)
-if not os.path.exists(CONFIG):
+if not os.path.exists(CONFIG) or open(CONFIG).read() != _resolved:
     with open(CONFIG, "w") as f:
         f.write(_resolved)
+
+
+def section(*keys):
+    """The resolved values of config sections, as a stable string for a rule's params."""
+    import json
+
+    data = to_dict(CFG)
+    out = {}
+    for key in keys:
+        node = data
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return json.dumps(out, sort_keys=True)
+
 
 # Run the CLI from this checkout whether or not the package is installed (conda envs hold dependencies only).
 ZOOMLDM = f"PYTHONPATH={workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}} python -m zoomldm"
 ENV = os.path.join(workflow.basedir, "environment.yml")
 
 STORE = f"{CFG.dataset.store_root}/{CFG.dataset.name}"
+RUNS = f"resources/runs/{CFG.dataset.name}"
+VQ_CHECKPOINT = CFG.models.vq_checkpoint or f"{RUNS}/autoencoder/final.safetensors"
+_SINGLE = CFG.train.single_scale.magnifications or [CFG.dataset.magnification_list()[0].name]
+TRAIN_RUNS = (
+    ([] if CFG.models.vq_checkpoint else [f"{RUNS}/autoencoder/final.safetensors"])
+    + [f"{RUNS}/ldm/model.safetensors", f"{RUNS}/graikos/model.safetensors", f"{RUNS}/cdm/final.safetensors"]
+    + [f"{RUNS}/single_scale/{m}/model.safetensors" for m in _SINGLE]
+)
 PARTS = f"{CFG.dataset.store_root}/{CFG.dataset.name}.parts"
 
 if CFG.demo_data:

@@ -19,7 +19,7 @@ if CFG.demo_data:
 rule extract_slide:
     input:
         slide=lambda wc: SLIDES[wc.slide],
-        config=CONFIG,
+        config=ancient(CONFIG),
     output:
         directory(f"{PARTS}/{{slide}}"),
     log:
@@ -34,6 +34,7 @@ rule extract_slide:
         ENV
     params:
         cli=ZOOMLDM,
+        cfg=section("dataset", "encoder"),
         parts=lambda wc, output: os.path.dirname(output[0]),
     shell:
         "{params.cli} data extract --config {input.config} --slide {input.slide} "
@@ -43,7 +44,7 @@ rule extract_slide:
 rule build_store:
     input:
         parts=expand(f"{PARTS}/{{slide}}", slide=sorted(SLIDES)),
-        config=CONFIG,
+        config=ancient(CONFIG),
     output:
         f"{STORE}/store.json",
     log:
@@ -52,6 +53,7 @@ rule build_store:
         ENV
     params:
         cli=ZOOMLDM,
+        cfg=section("dataset"),
         parts=lambda wc, input: os.path.dirname(input.parts[0]),
         store=lambda wc, output: os.path.dirname(output[0]),
     shell:
@@ -62,7 +64,7 @@ rule build_store:
 rule dataset_summary:
     input:
         store=f"{STORE}/store.json",
-        config=CONFIG,
+        config=ancient(CONFIG),
     output:
         csv="results/tables/dataset.csv",
         md="results/tables/dataset.md",
@@ -78,6 +80,7 @@ rule dataset_summary:
         ENV
     params:
         cli=ZOOMLDM,
+        cfg=section("dataset"),
         table=lambda wc, output: os.path.splitext(output.csv)[0],
     shell:
         "{params.cli} data summary --config {input.config} --table {params.table} "

@@ -128,3 +128,48 @@ def summary(config_path: str, table_stem: str, montage_path: str) -> None:
     parts = [p for p in parts_dir(cfg).glob("*") if p.is_dir() and part_done(p)]
     write_dataset_table(dataset_table(store, parts), store, Path(table_stem))
     montage(store, Path(montage_path), seed=cfg.dataset.seed)
+
+
+@data.command("encode-latents")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--vq", "vq_path", required=True, type=click.Path(dir_okay=False),
+              help="Checkpoint holding a `vq` component (ours, or a converted official release).")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def encode_latents(config_path: str, vq_path: str, batch_size: int, device: str, progress: bool) -> None:
+    """Add VQ-f4 latents (pre-quantisation, float16) of every region image to the store; resumes per shard."""
+    import numpy as np
+    import torch
+
+    from zoomldm.data.store import RegionStore, StoreError
+    from zoomldm.models.checkpoint import load_component, read_checkpoint
+
+    cfg = load_config(config_path)
+    store = RegionStore(store_dir(cfg))
+    ckpt = read_checkpoint(vq_path)
+    if "vq" not in ckpt.state_dicts:
+        raise ValueError(f"{vq_path}: no vq component (has {', '.join(sorted(ckpt.state_dicts))})")
+    dev = resolve_device(device)
+    vq = load_component(ckpt, "vq", device=dev).eval()
+    source = store.root / "latents.json"   # which VQ encoded the latents; "complete" once every shard exists
+    previous = json.loads(source.read_text())["vq"] if source.is_file() else None
+    if previous and previous != str(vq_path) and any(t.has("latents") for t in store.tables.values()):
+        raise ValueError(f"{store.root} already holds latents from {previous}; delete its latents-*.npy "
+                         f"files to re-encode with {vq_path}")
+    if store.patch_px % vq.config.downsampling:
+        raise ValueError(f"{vq_path}: VQ downsampling {vq.config.downsampling} does not divide patch "
+                         f"{store.patch_px}")
+    for t in store.tables.values():
+        if not t.has("images"):
+            raise StoreError(f"{store.root}: {t.magnification.name} has no images (dataset.store_images: false)")
+
+    @torch.inference_mode()
+    def encode(images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(images).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1.0   # (n, 3, P, P)
+        return vq.encode(x).float().cpu().numpy().astype(np.float16)
+
+    info = {"vq": str(vq_path), "downsampling": vq.config.downsampling, "complete": False}
+    source.write_text(json.dumps(info))
+    store.add_array("latents", encode, source="images", batch=batch_size, progress=progress)
+    source.write_text(json.dumps(dict(info, complete=True)))

@@ -38,9 +38,13 @@ def main(verbose: int) -> None:
 
 def _register() -> None:
     from zoomldm.cli import config as config_cli
+    from zoomldm.cli import convert as convert_cli
     from zoomldm.cli import data as data_cli
+    from zoomldm.cli import train as train_cli
     main.add_command(config_cli.config)
+    main.add_command(convert_cli.convert)
     main.add_command(data_cli.data)
+    main.add_command(train_cli.train)
 
 
 _register()

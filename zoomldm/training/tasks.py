@@ -26,23 +26,34 @@ from zoomldm.models.vq import VQ_PRESETS, VQModel
 log = logging.getLogger(__name__)
 
 
-def _randn(shape, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    """Noise from the loop's generator, drawn where the generator lives, then moved next to `like`."""
-    return torch.randn(shape, generator=gen, device=gen.device).to(like.device, like.dtype)
+def _randn(shape, rng, like: torch.Tensor) -> torch.Tensor:
+    """Noise of `shape` (batch first) from the loop's random source, moved next to `like`.
+
+    `rng` is a torch.Generator, or the loop's per-sample `SampleRNG` (row i from sample i's own generator, so
+    the draws do not depend on how the global batch is split across processes)."""
+    if isinstance(rng, torch.Generator):
+        return torch.randn(shape, generator=rng, device=rng.device).to(like.device, like.dtype)
+    return rng.randn(*shape[1:]).to(like.device, like.dtype)
 
 
-def _rand(n: int, gen: torch.Generator, device) -> torch.Tensor:
-    return torch.rand(n, generator=gen, device=gen.device).to(device)
+def _rand(n: int, rng, device) -> torch.Tensor:
+    if isinstance(rng, torch.Generator):
+        return torch.rand(n, generator=rng, device=rng.device).to(device)
+    return rng.rand().to(device)
 
 
-def _randint(high: int, n: int, gen: torch.Generator, device) -> torch.Tensor:
-    return torch.randint(0, high, (n,), generator=gen, device=gen.device).to(device)
+def _randint(high: int, n: int, rng, device) -> torch.Tensor:
+    if isinstance(rng, torch.Generator):
+        return torch.randint(0, high, (n,), generator=rng, device=rng.device).to(device)
+    return rng.randint(0, high).to(device)
 
 
 class StoreTask:
     """Shared plumbing: the store, a RegionDataset over it and the uniform-magnification sampler."""
 
     ema_modules: tuple[str, ...] = ()
+    per_sample_rng = True      # draws per sample: results independent of the number of processes (loop.py)
+    kind = "train"             # checkpoint kind
     modules: dict[str, nn.Module]
 
     def __init__(self, store: RegionStore | str, magnifications: list[str] | None, **dataset_kwargs):
@@ -70,6 +81,7 @@ class LDMTask(StoreTask):
     With one magnification it is the paper's single-scale model."""
 
     ema_modules = ("unet",)
+    kind = "zoomldm"
 
     def __init__(self, store, cfg: LDMTrainConfig, magnifications: list[str] | None = None):
         super().__init__(store, magnifications, latents=True)
@@ -97,6 +109,8 @@ class AutoencoderTask(StoreTask):
     Oord et al. 2017, eq. 3). No adversarial or perceptual term: it is the offline stand-in for the CompVis
     vq-f4 weights, not a reproduction of their training."""
 
+    kind = "vq"
+
     def __init__(self, store, cfg: AutoencoderTrainConfig, vq: VQModel | None = None):
         super().__init__(store, None, images=True)
         if vq is None:
@@ -121,6 +135,7 @@ class CDMTask(StoreTask):
     (MSE + VLB with a stopped-gradient mean, as DiT/ADM), magnification label."""
 
     ema_modules = ("cdm",)
+    kind = "cdm"
 
     def __init__(self, store, cfg: CDMTrainConfig, summarizer: Summarizer):
         super().__init__(store, None)
@@ -137,7 +152,6 @@ class CDMTask(StoreTask):
 
     def loss(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
         with torch.no_grad():
-            self.summarizer.to(batch["grid"].device)
             x0 = self.summarizer(batch["grid"], batch["mag"], grid_size=batch["grid_side"]).transpose(1, 2)
         x0 = x0.float().contiguous()                                                # (N, D, 65)
         n = len(x0)
