@@ -85,13 +85,14 @@ class RegionDataset(Dataset):
         rows = indices - np.asarray(self.offsets)[k]
         n = len(indices)
         C = self.tables[0].shard("grids", 0).shape[1]
-        grid = torch.zeros((n, C, MAX_GRID, MAX_GRID), dtype=torch.float32)
+        grid = torch.empty((n, C, MAX_GRID, MAX_GRID), dtype=torch.float32)   # every row is written below
         side = np.empty(n, dtype=np.int64)
         mag = np.empty(n, dtype=np.int64)
         latent = image = None
         for tk in np.unique(k):
             t = self.tables[tk]
             sel = np.flatnonzero(k == tk)
+            idx = torch.from_numpy(sel)
             g = t.magnification.grid_side
             side[sel], mag[sel] = g, t.magnification.index
             grids = torch.from_numpy(self._gather(t, "grids", rows[sel])).float()   # (m, C, g, g)
@@ -99,20 +100,24 @@ class RegionDataset(Dataset):
                 grids.sub_(grids.mean(dim=1, keepdim=True))
                 std = grids.square().sum(dim=1, keepdim=True).div_(grids.shape[1] - 1).sqrt_()
                 grids.div_(std.add_(TOKEN_EPS))
-            grid[torch.from_numpy(sel), :, :g, :g] = grids
+            if g < MAX_GRID:
+                padded = torch.zeros((len(sel), C, MAX_GRID, MAX_GRID), dtype=torch.float32)
+                padded[:, :, :g, :g] = grids
+                grids = padded
+            grid.index_copy_(0, idx, grids)   # rows keep the sampler's order (per-sample seeds follow it)
             if self.latents:
-                lat = self._gather(t, "latents", rows[sel])
-                latent = np.empty((n, *lat.shape[1:]), np.float32) if latent is None else latent
-                latent[sel] = lat
+                lat = torch.from_numpy(self._gather(t, "latents", rows[sel])).float()
+                latent = torch.empty((n, *lat.shape[1:])) if latent is None else latent
+                latent.index_copy_(0, idx, lat)
             if self.images:
-                img = self._gather(t, "images", rows[sel])                            # (m, P, P, 3) uint8
-                image = np.empty((n, 3, *img.shape[1:3]), np.float32) if image is None else image
-                image[sel] = img.transpose(0, 3, 1, 2) / np.float32(127.5) - 1.0
+                img = torch.from_numpy(self._gather(t, "images", rows[sel])).permute(0, 3, 1, 2)  # (m, 3, P, P)
+                image = torch.empty((n, *img.shape[1:])) if image is None else image
+                image.index_copy_(0, idx, img.float().div_(127.5).sub_(1.0))
         out = Batch({"grid": grid, "grid_side": torch.from_numpy(side), "mag": torch.from_numpy(mag)})
         if latent is not None:
-            out["latent"] = torch.from_numpy(latent)
+            out["latent"] = latent
         if image is not None:
-            out["image"] = torch.from_numpy(image)
+            out["image"] = image
         return out
 
     @staticmethod
