@@ -85,6 +85,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 autocast on CUDA, fp32 on CPU
     num_workers: int = 0
     seed: int = 0
+    deterministic: bool = False              # torch deterministic algorithms on CPU (slow; see loop.py)
 
 
 @dataclass

@@ -31,6 +31,13 @@ def train() -> None:
     """Train a model; rerunning the same command in the same --out folder resumes it."""
 
 
+def _seeded(build, seed: int):
+    """Build a task with the model initialisation drawn from the run's seed (reruns start identically)."""
+    import torch
+    torch.manual_seed(seed)
+    return build()
+
+
 def _run(task, tcfg, out: str, max_steps, device: str, progress: bool) -> dict:
     from zoomldm.training.loop import train as train_loop
     summary = train_loop(task, tcfg, out, max_steps=max_steps, device=None if device == "auto" else device,
@@ -49,6 +56,10 @@ def _bundle_vq(out: str, store) -> None:
     final = Path(out) / "final.safetensors"
     if not final.is_file():
         return
+    if not (store.root / "latents.json").is_file():
+        log.warning("%s: the store does not say which VQ encoded its latents (no latents.json); "
+                    "model.safetensors not written", store.root)
+        return
     ckpt = read_checkpoint(final)
     modules = {name: load_component(ckpt, name) for name in ckpt.state_dicts}
     source = json.loads((store.root / "latents.json").read_text())["vq"]
@@ -62,8 +73,9 @@ def autoencoder(config_path, out, max_steps, device, progress) -> None:
     """VQ-f4 on the store's region images (then: zoomldm data encode-latents --vq OUT/final.safetensors)."""
     from zoomldm.training.tasks import AutoencoderTask
     cfg = load_config(config_path)
-    _run(AutoencoderTask(store_dir(cfg), cfg.train.autoencoder), cfg.train.autoencoder, out, max_steps,
-         device, progress)
+    tcfg = cfg.train.autoencoder
+    task = _seeded(lambda: AutoencoderTask(store_dir(cfg), tcfg), tcfg.seed)
+    _run(task, tcfg, out, max_steps, device, progress)
 
 
 @train.command()
@@ -74,7 +86,7 @@ def ldm(config_path, out, max_steps, device, progress) -> None:
     from zoomldm.training.tasks import LDMTask
     cfg = load_config(config_path)
     store = RegionStore(store_dir(cfg))
-    task = LDMTask(store, cfg.train.ldm)
+    task = _seeded(lambda: LDMTask(store, cfg.train.ldm), cfg.train.ldm.seed)
     _init_unet(task, cfg.train.ldm.init_unet)
     _run(task, cfg.train.ldm, out, max_steps, device, progress)
     _bundle_vq(out, store)
@@ -91,7 +103,8 @@ def single_scale(config_path, out, max_steps, device, progress, mag) -> None:
     cfg = load_config(config_path)
     m = mags.find(cfg.dataset.ladder, mag)
     store = RegionStore(store_dir(cfg))
-    task = LDMTask(store, cfg.train.single_scale, magnifications=[m.name])
+    task = _seeded(lambda: LDMTask(store, cfg.train.single_scale, magnifications=[m.name]),
+                   cfg.train.single_scale.seed)
     task.kind = "single-scale"
     _init_unet(task, cfg.train.single_scale.init_unet)
     _run(task, cfg.train.single_scale, out, max_steps, device, progress)
@@ -106,7 +119,7 @@ def graikos(config_path, out, max_steps, device, progress) -> None:
     from zoomldm.data.store import RegionStore
     cfg = load_config(config_path)
     store = RegionStore(store_dir(cfg))
-    task = GraikosTask(store, cfg.train.graikos)
+    task = _seeded(lambda: GraikosTask(store, cfg.train.graikos), cfg.train.graikos.seed)
     _init_unet(task, cfg.train.graikos.init_unet)
     _run(task, cfg.train.graikos, out, max_steps, device, progress)
     _bundle_vq(out, store)
@@ -125,7 +138,8 @@ def cdm(config_path, out, max_steps, device, progress, ldm_ckpt) -> None:
     if "summarizer" not in ckpt.state_dicts:
         raise ValueError(f"{ldm_ckpt}: a {ckpt.kind} checkpoint without a summarizer; pass a ZoomLDM checkpoint")
     summarizer = load_component(ckpt, "summarizer")
-    _run(CDMTask(store_dir(cfg), cfg.train.cdm, summarizer), cfg.train.cdm, out, max_steps, device, progress)
+    task = _seeded(lambda: CDMTask(store_dir(cfg), cfg.train.cdm, summarizer), cfg.train.cdm.seed)
+    _run(task, cfg.train.cdm, out, max_steps, device, progress)
 
 
 def _init_unet(task, path: str | None) -> None:
