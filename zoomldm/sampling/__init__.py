@@ -1,0 +1,1 @@
+"""Model-backed samplers built on ``zoomldm.diffusion``: patches, large images, super-resolution."""
