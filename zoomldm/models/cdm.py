@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoomldm.models.errors import check_state_dict
+from zoomldm.models.errors import build_checked
 
 logger = logging.getLogger(__name__)
 
@@ -275,11 +275,7 @@ def cdm_from_official(state_dict: Mapping[str, torch.Tensor],
     """Build a ConditionDiT from an official `cdm_dit.models.DiT` state dict and its constructor arguments
     (dict or JSON string). Every key and shape is checked; `pos_embed` is taken from the checkpoint."""
     config_ = CDMConfig.from_official(config)
-    with torch.device("meta"):  # check shapes before allocating or initialising anything
-        model = ConditionDiT(config_)
-    check_state_dict(model, state_dict, "CDM (cdm_dit DiT)")
-    model = model.to_empty(device="cpu")  # every tensor is then overwritten by the strict load
-    model.load_state_dict(state_dict, strict=True)
+    model = build_checked(lambda: ConditionDiT(config_), state_dict, "CDM (cdm_dit DiT)")
     logger.info("loaded official CDM: %d tensors, %.1f M trainable parameters", len(state_dict),
                 sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
     return model

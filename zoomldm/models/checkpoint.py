@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from zoomldm.models.cdm import CDMConfig, ConditionDiT
-from zoomldm.models.errors import check_state_dict
+from zoomldm.models.errors import build_checked
 from zoomldm.models.summarizer import Summarizer, SummarizerConfig
 from zoomldm.models.unet import UNet, UNetConfig
 from zoomldm.models.vq import VQConfig, VQModel
@@ -210,14 +210,10 @@ def load_component(ckpt: Checkpoint | str | Path, name: str, device: str | torch
     cfg = ckpt.configs[name] if config is None else config
     if not isinstance(cfg, cfg_cls):
         raise ValueError(f"load_component: {name!r} needs a {cfg_cls.__name__}, got {type(cfg).__name__}")
-    sd = ckpt.state_dicts[name]
-    with torch.device("meta"):  # check keys and shapes before allocating anything
-        model = mod_cls(cfg)
-    check_state_dict(model, sd, f"{name} in {ckpt.path}")
     # assign=True adopts the checkpoint's tensors (and dtype) instead of allocating and copying; the module
     # therefore shares memory with `ckpt.state_dicts[name]` until it is moved to another device.
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.to(device).eval()
+    return build_checked(lambda: mod_cls(cfg), ckpt.state_dicts[name], f"{name} in {ckpt.path}", device,
+                         assign=True)
 
 
 def _first_line(e: BaseException) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -59,6 +59,22 @@ def check_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], 
     mis_shaped = [(k, given[k], expected[k]) for k in expected if k in given and given[k] != expected[k]]
     if missing or unexpected or mis_shaped:
         raise CheckpointKeyError(what, missing, unexpected, mis_shaped)
+
+
+def build_checked(build: Callable[[], nn.Module], state_dict: Mapping[str, torch.Tensor], what: str,
+                  device: str | torch.device = "cpu", assign: bool = False) -> nn.Module:
+    """Build a module on the meta device, check `state_dict` against it (keys and shapes, before allocating
+    anything), then load it strictly; eval mode. `assign=False` allocates in the module's own dtype and copies
+    (casting, e.g. fp16 official weights to fp32); `assign=True` adopts the tensors as they are."""
+    with torch.device("meta"):
+        model = build()
+    check_state_dict(model, state_dict, what)
+    if assign:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        return model.to(device).eval()
+    model = model.to_empty(device=device)  # every tensor is then overwritten by the strict load
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
 
 
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoomldm.models.errors import check_state_dict
+from zoomldm.models.errors import build_checked
 
 logger = logging.getLogger(__name__)
 
@@ -270,11 +270,7 @@ def summarizer_from_official(state_dict: Mapping[str, torch.Tensor],
     """Build a Summarizer from an official `EmbeddingViT2_5` state dict (keys without `cond_stage_model.`)
     and its constructor arguments (dict or JSON string). Every key and shape is checked."""
     config_ = SummarizerConfig.from_official(config)
-    with torch.device("meta"):  # check shapes before allocating or initialising anything
-        model = Summarizer(config_)
-    check_state_dict(model, state_dict, "Summarizer (EmbeddingViT2_5)")
-    model = model.to_empty(device="cpu")  # every tensor is then overwritten by the strict load
-    model.load_state_dict(state_dict, strict=True)
+    model = build_checked(lambda: Summarizer(config_), state_dict, "Summarizer (EmbeddingViT2_5)")
     logger.info("loaded official Summarizer: %d tensors, %.1f M parameters", len(state_dict),
                 sum(p.numel() for p in model.parameters()) / 1e6)
     return model

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from zoomldm.models.attention import SpatialTransformer, attention_heads, zero_module
-from zoomldm.models.errors import check_state_dict, strip_prefix
+from zoomldm.models.errors import build_checked, strip_prefix
 
 # Official arguments that are accepted with only these values (anything else is a different architecture).
 _OFFICIAL_FIXED: dict[str, tuple[Any, ...]] = {
@@ -367,12 +367,7 @@ def unet_from_official(
     """
     cfg = UNetConfig.from_official(config)
     sd = strip_prefix(state_dict, prefix)
-    with torch.device("meta"):
-        model = UNet(cfg)
-    check_state_dict(model, sd, "official UNet")
-    model = model.to_empty(device=device)
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
+    return build_checked(lambda: UNet(cfg), sd, "official UNet", device)
 
 
 __all__ = [

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoomldm.models.errors import check_state_dict, strip_prefix
+from zoomldm.models.errors import build_checked, strip_prefix
 
 
 @dataclass(frozen=True)
@@ -380,12 +380,7 @@ def vq_from_official(
     """
     cfg = VQConfig.from_official(config)
     sd = strip_prefix(state_dict, prefix)
-    with torch.device("meta"):
-        model = VQModel(cfg)
-    check_state_dict(model, sd, "official VQ autoencoder")
-    model = model.to_empty(device=device)
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
+    return build_checked(lambda: VQModel(cfg), sd, "official VQ autoencoder", device)
 
 
 __all__ = [
