@@ -93,3 +93,29 @@ def fake_part(root, slide, counts, seed, P=16, C=6, latents=False):
             "encoder": {"name": "fake", "dim": C, "is_standin": True}}
     st.write_part(root / slide, meta, per_mag)
     return per_mag
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared by the model and converter tests.
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny CPU models: a second intra-op thread only adds OpenMP contention on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|: the relative error the parity acceptance (<= 1e-5) is stated in."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def one_line(text: str) -> bool:
+    return len(text.strip().splitlines()) == 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +21,8 @@ from zoomldm.models.cdm import (
     sincos_pos_embed_1d,
 )
 from zoomldm.models.errors import CheckpointKeyError
+from conftest import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official"
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"no official fixtures at {FIXTURES}")
 
 

@@ -24,14 +24,9 @@ from zoomldm.models.errors import CheckpointKeyError
 from zoomldm.models.summarizer import SUMMARIZER_PRESETS, Summarizer
 from zoomldm.models.unet import UNET_PRESETS, UNet, UNetConfig
 from zoomldm.models.vq import VQ_PRESETS, VQConfig, VQModel
+from conftest import one_line
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +46,6 @@ def saved(modules, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "zoomldm.safetensors"
     save_checkpoint(path, "zoomldm", modules, extra={"step": 1234, "note": "test", "lr": 2e-5})
     return path
-
-
-def one_line(text: str) -> bool:
-    return len(text.strip().splitlines()) == 1
 
 
 def test_round_trip_is_bitwise_and_configs_round_trip(modules, saved):

@@ -43,25 +43,10 @@ from zoomldm.models.official import (
 from zoomldm.models.summarizer import SUMMARIZER_PRESETS, Summarizer
 from zoomldm.models.unet import UNET_PRESETS, UNet, UNetConfig
 from zoomldm.models.vq import VQ_PRESETS, VQModel
+from conftest import FIXTURES, one_line, rel_err
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"no official fixtures at {FIXTURES}")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def one_line(text: str) -> bool:
-    return len(text.strip().splitlines()) == 1
+pytestmark = [pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"no official fixtures at {FIXTURES}"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,9 @@
 """The sharded store, the Dataset over it and the uniform-magnification sampler."""
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from scipy import stats
 
-from zoomldm import mags
 from zoomldm.data import store as st
 from zoomldm.data.dataset import RegionDataset, UniformMagnificationSampler
 from zoomldm.data.regions import standardize_tokens

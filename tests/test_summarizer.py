@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from torchvision.models.vision_transformer import Encoder as TorchvisionEncoder
 
 from zoomldm.models.errors import CheckpointKeyError
+from conftest import FIXTURES, rel_err
 from zoomldm.models.summarizer import (
     SUMMARIZER_PRESETS,
     Summarizer,
@@ -21,12 +21,7 @@ from zoomldm.models.summarizer import (
     summarizer_from_official,
 )
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official"
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"no official fixtures at {FIXTURES}")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope="module")

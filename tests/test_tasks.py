@@ -1,6 +1,4 @@
 """Trainer tasks: the losses they optimise, against hand-written references on a tiny synthetic store."""
-import dataclasses
-
 import pytest
 import torch
 

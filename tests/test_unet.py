@@ -5,15 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from zoomldm.models.errors import CheckpointKeyError
 from zoomldm.models.unet import UNET_PRESETS, UNet, UNetConfig, timestep_embedding, unet_from_official
+from conftest import FIXTURES, rel_err
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 # `unet_config.params` of the official configs/zoomldm_brca.yaml.
 OFFICIAL_BRCA = {
@@ -32,19 +33,6 @@ OFFICIAL_BRCA = {
     "context_dim": 512,
     "ckpt_path": "models/ldm_imgnet_unet.ckpt",
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny CPU models: a second intra-op thread only adds OpenMP contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope="module")

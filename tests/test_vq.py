@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from zoomldm.models.errors import CheckpointKeyError
 from zoomldm.models.vq import VQ_PRESETS, VectorQuantizer, VQConfig, VQModel, vq_from_official
+from conftest import FIXTURES, rel_err
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 # `first_stage_config.params` of the official configs/zoomldm_brca.yaml.
 OFFICIAL_VQ_F4 = {
@@ -31,19 +32,6 @@ OFFICIAL_VQ_F4 = {
     },
     "lossconfig": {"target": "torch.nn.Identity"},
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny CPU models: a second intra-op thread only adds OpenMP contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope="module")
