@@ -78,18 +78,28 @@ def autoencoder(config_path, out, max_steps, device, progress) -> None:
     _run(task, tcfg, out, max_steps, device, progress)
 
 
+def _train_diffusion(config_path, out, max_steps, device, progress, what: str, build, kind: str | None = None):
+    """The UNet trainers (ZoomLDM, single-scale, Graikos): seeded init, optional CompVis UNet init, the loop,
+    then the bundled model.safetensors (with the VQ that encoded the store's latents)."""
+    from zoomldm.data.store import RegionStore
+    cfg = load_config(config_path)
+    tcfg = getattr(cfg.train, what)
+    store = RegionStore(store_dir(cfg))
+    task = _seeded(lambda: build(cfg, store, tcfg), tcfg.seed)
+    if kind:
+        task.kind = kind
+    _init_unet(task, tcfg.init_unet)
+    _run(task, tcfg, out, max_steps, device, progress)
+    _bundle_vq(out, store)
+
+
 @train.command()
 @_common
 def ldm(config_path, out, max_steps, device, progress) -> None:
     """ZoomLDM: UNet + Summarizer on every magnification of the store."""
-    from zoomldm.data.store import RegionStore
     from zoomldm.training.tasks import LDMTask
-    cfg = load_config(config_path)
-    store = RegionStore(store_dir(cfg))
-    task = _seeded(lambda: LDMTask(store, cfg.train.ldm), cfg.train.ldm.seed)
-    _init_unet(task, cfg.train.ldm.init_unet)
-    _run(task, cfg.train.ldm, out, max_steps, device, progress)
-    _bundle_vq(out, store)
+    _train_diffusion(config_path, out, max_steps, device, progress, "ldm",
+                     lambda cfg, store, tcfg: LDMTask(store, tcfg))
 
 
 @train.command("single-scale")
@@ -98,17 +108,12 @@ def ldm(config_path, out, max_steps, device, progress) -> None:
 def single_scale(config_path, out, max_steps, device, progress, mag) -> None:
     """The paper's single-scale comparison: the ZoomLDM architecture trained on one magnification."""
     from zoomldm import mags
-    from zoomldm.data.store import RegionStore
     from zoomldm.training.tasks import LDMTask
-    cfg = load_config(config_path)
-    m = mags.find(cfg.dataset.ladder, mag)
-    store = RegionStore(store_dir(cfg))
-    task = _seeded(lambda: LDMTask(store, cfg.train.single_scale, magnifications=[m.name]),
-                   cfg.train.single_scale.seed)
-    task.kind = "single-scale"
-    _init_unet(task, cfg.train.single_scale.init_unet)
-    _run(task, cfg.train.single_scale, out, max_steps, device, progress)
-    _bundle_vq(out, store)
+
+    def build(cfg, store, tcfg):
+        return LDMTask(store, tcfg, magnifications=[mags.find(cfg.dataset.ladder, mag).name])
+
+    _train_diffusion(config_path, out, max_steps, device, progress, "single_scale", build, kind="single-scale")
 
 
 @train.command()
@@ -116,13 +121,8 @@ def single_scale(config_path, out, max_steps, device, progress, mag) -> None:
 def graikos(config_path, out, max_steps, device, progress) -> None:
     """Graikos et al. (CVPR 2024) patch LDM on base-magnification patches."""
     from baselines.graikos import GraikosTask
-    from zoomldm.data.store import RegionStore
-    cfg = load_config(config_path)
-    store = RegionStore(store_dir(cfg))
-    task = _seeded(lambda: GraikosTask(store, cfg.train.graikos), cfg.train.graikos.seed)
-    _init_unet(task, cfg.train.graikos.init_unet)
-    _run(task, cfg.train.graikos, out, max_steps, device, progress)
-    _bundle_vq(out, store)
+    _train_diffusion(config_path, out, max_steps, device, progress, "graikos",
+                     lambda cfg, store, tcfg: GraikosTask(store, tcfg))
 
 
 @train.command()
