@@ -13,8 +13,10 @@ if not workflow.overwrite_configfiles:
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/fetch.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/sample.smk"
 
 
 rule all:
@@ -22,3 +24,4 @@ rule all:
     input:
         rules.dataset.input,
         rules.training.input,
+        rules.sampling.input,

@@ -182,3 +182,14 @@ def test_foreign_component_reads_but_does_not_build(tmp_path):
     assert ckpt.configs == {"net": {"width": 4}} and torch.equal(ckpt.state_dicts["net"]["w"], torch.ones(4))
     with pytest.raises(ValueError, match="unknown checkpoint component 'net'"):
         load_component(ckpt, "net")
+
+
+def test_load_vq_from_our_checkpoint_or_refuses_without_vq(modules, saved, tmp_path):
+    from zoomldm.models.checkpoint import load_vq
+    vq = load_vq(saved)
+    for k, v in modules["vq"].state_dict().items():
+        assert torch.equal(vq.state_dict()[k], v)
+    path = tmp_path / "unet_only.safetensors"
+    save_checkpoint(path, "unet", {"unet": modules["unet"]})
+    with pytest.raises(CheckpointFormatError, match="no vq component"):
+        load_vq(path)

@@ -370,3 +370,9 @@ def test_diffusion_imports_no_model_code():
                 continue
             for m in mods:
                 assert m.split(".")[0] in allowed, f"{f.name} imports {m}"
+
+
+@pytest.mark.parametrize("steps", [3, 9, 37, 111, 333, 600])
+def test_ldm_spacing_refuses_step_counts_that_reach_T(steps):
+    with pytest.raises(ValueError, match="reach t=1000 >= T=1000"):
+        sampling_timesteps(1000, steps)

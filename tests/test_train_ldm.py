@@ -77,3 +77,29 @@ def test_torchrun_two_processes_match_one(cfg_file, tmp_path):
     # most ~lr per step, so the tolerance is meaningful only with a small lr (1e-4 here, 6 steps).
     worst = max(((b[c][k] - a[c][k]).abs().max().item(), f"{c}.{k}") for c in a for k in a[c])
     assert worst[0] < 1e-5, worst
+
+
+def test_graikos_cli_bundles_the_store_vq(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from zoomldm.cli.main import main
+    from zoomldm.models.checkpoint import load_component, save_checkpoint
+    from zoomldm.models.vq import VQ_PRESETS, VQModel
+    fake_part(tmp_path / "store" / "toy.parts", "a", {"20x": 6}, 0, P=P, C=C, latents=True)
+    st.build_store([tmp_path / "store" / "toy.parts" / "a"], tmp_path / "store" / "toy", "brca", P, 8,
+                   {"name": "fake", "dim": C, "is_standin": True})
+    vq = VQModel(VQ_PRESETS["small"])
+    save_checkpoint(tmp_path / "vq.safetensors", "vq", {"vq": vq})
+    (tmp_path / "store" / "toy" / "latents.json").write_text(json.dumps({"vq": str(tmp_path / "vq.safetensors")}))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"dataset": {"name": "toy", "store_root": str(tmp_path / "store"), "patch_px": P},
+                                   "train": {"graikos": {"batch_size": 2, "max_steps": 2, "log_every": 1}}}))
+    res = CliRunner().invoke(main, ["train", "graikos", "--config", str(cfg), "--out", str(tmp_path / "g"),
+                                    "--no-progress", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    ckpt = read_checkpoint(tmp_path / "g" / "model.safetensors")
+    assert {"unet", "embedder", "vq"} <= set(ckpt.state_dicts) and ckpt.kind == "graikos"
+    for k, v in load_component(ckpt, "vq").state_dict().items():
+        assert torch.equal(v, vq.state_dict()[k])

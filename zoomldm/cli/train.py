@@ -48,11 +48,15 @@ def _run(task, tcfg, out: str, max_steps, device: str, progress: bool) -> dict:
 
 
 def _bundle_vq(out: str, store) -> None:
-    """Put the VQ that encoded the store's latents into the run's final checkpoint (model.safetensors), so
-    `sample` commands need only that one file."""
+    """Copy the run's final checkpoint to model.safetensors with the VQ that encoded the store's latents added,
+    so `sample` commands need only that one file. Tensors and configs are copied as they are (components such
+    as the Graikos `embedder` need no rebuilding)."""
     import json
 
-    from zoomldm.models.checkpoint import load_component, read_checkpoint, save_checkpoint
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from zoomldm.models.checkpoint import META_KEY, config_to_dict, load_vq
     final = Path(out) / "final.safetensors"
     if not final.is_file():
         return
@@ -60,11 +64,17 @@ def _bundle_vq(out: str, store) -> None:
         log.warning("%s: the store does not say which VQ encoded its latents (no latents.json); "
                     "model.safetensors not written", store.root)
         return
-    ckpt = read_checkpoint(final)
-    modules = {name: load_component(ckpt, name) for name in ckpt.state_dicts}
     source = json.loads((store.root / "latents.json").read_text())["vq"]
-    modules["vq"] = load_component(read_checkpoint(source), "vq")
-    save_checkpoint(Path(out) / "model.safetensors", ckpt.kind, modules, extra=dict(ckpt.extra, vq=source))
+    vq = load_vq(source, trust_pickle=True)   # the file already passed encode-latents
+    with safe_open(final, framework="pt") as f:
+        header = json.loads(f.metadata()[META_KEY])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors.update({f"vq.{k}": v.detach().cpu().contiguous() for k, v in vq.state_dict().items()})
+    header["configs"]["vq"] = config_to_dict(vq.config)
+    header["extra"] = dict(header.get("extra", {}), vq=source)
+    tmp = Path(out) / "model.safetensors.tmp"
+    save_file(tensors, tmp, metadata={META_KEY: json.dumps(header)})
+    tmp.replace(Path(out) / "model.safetensors")
 
 
 @train.command()

@@ -49,9 +49,12 @@ def sampling_timesteps(T: int, steps: int, spacing: Spacing = "ldm") -> tuple[in
         raise ValueError(f"sampling_timesteps: steps must be in [1, {T}], got {steps}")
     if spacing == "ldm":
         c = T // steps
-        if c == 1:  # CompVis would index ᾱ_T here (out of range); refuse instead
-            raise ValueError(f"sampling_timesteps: 'ldm' spacing needs steps <= {T // 2}, got {steps}")
-        return tuple(t + 1 for t in range(0, T, c))[::-1]
+        ts = tuple(t + 1 for t in range(0, T, c))[::-1]
+        if ts[0] >= T:  # CompVis would index ᾱ_T here (out of range, e.g. steps 3, 9, 37); refuse instead
+            ok = [s for s in (5, 10, 20, 25, 50, 100, 200) if s <= T // 2]
+            raise ValueError(f"sampling_timesteps: {steps} steps with the 'ldm' spacing reach t={ts[0]} >= T={T} "
+                             f"(T // steps = {c} does not tile [0, T)); use e.g. {', '.join(map(str, ok))}")
+        return ts
     if spacing == "adm":
         stride = 1.0 if steps <= 1 else (T - 1) / (steps - 1)
         taken, cur = [], 0.0

@@ -233,3 +233,16 @@ __all__ = [
     "read_checkpoint",
     "save_checkpoint",
 ]
+
+
+def load_vq(path: str | Path, device: str | torch.device = "cpu", trust_pickle: bool = False) -> nn.Module:
+    """The VQ-f4 from any file the suite accepts: one of our checkpoints with a `vq` component (`.safetensors`),
+    or the CompVis `vq-f4/model.ckpt` (converted on the fly; `trust_pickle` as in `zoomldm convert`)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        ckpt = read_checkpoint(path)
+        if "vq" not in ckpt.state_dicts:
+            raise CheckpointFormatError(f"{path}: no vq component (it has {ckpt.components})")
+        return load_component(ckpt, "vq", device=device)
+    from zoomldm.models.official import load_compvis_vq_f4
+    return load_compvis_vq_f4(path, device=device, trust_pickle=trust_pickle)

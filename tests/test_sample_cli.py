@@ -1,0 +1,344 @@
+"""`zoomldm sample`: patch shards + manifest, large images (constraint on/off), SR, Graikos panoramas, bad input.
+
+Everything runs on a tiny store (one 4 x 8-tile slide, 16-px patches) and tiny random checkpoints (the small
+presets shrunk further: 4 x 4 latents), through click's CliRunner.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from zoomldm import mags
+from zoomldm.cli.main import main
+from zoomldm.data import store as st
+from zoomldm.data.regions import pooled_grid
+from zoomldm.models.cdm import CDMConfig, ConditionDiT
+from zoomldm.models.checkpoint import save_checkpoint
+from zoomldm.models.summarizer import Summarizer, SummarizerConfig
+from zoomldm.models.unet import UNet, UNetConfig
+from zoomldm.models.vq import VQConfig, VQModel
+
+P, C, ROWS, COLS = 16, 6, 4, 8          # patch px, embedding dim, base-tile grid of the slide
+MISSING = {(1, 1), (3, 2)}             # base tiles kept by no 20x region (their embedding comes from tiles.npy)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _perturb(*modules):
+    """Random weights everywhere (the presets zero-init output layers, which would make every output 0)."""
+    with torch.no_grad():
+        for mod in modules:
+            for p in mod.parameters():
+                p.add_(torch.randn_like(p), alpha=0.05)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    rng = np.random.default_rng(0)
+    tiles = rng.normal(size=(ROWS, COLS, C)).astype(np.float16)
+    per_mag = {}
+    for name, step in [("20x", 1), ("5x", 4)]:
+        m = mags.find("brca", name)
+        n = m.tiles_per_side
+        origins = [(r, c) for r in range(0, ROWS - n + 1, step) for c in range(0, COLS - n + 1, step)
+                   if name != "20x" or (r, c) not in MISSING]
+        per_mag[m.slug] = {
+            "images": rng.integers(0, 256, size=(len(origins), P, P, 3), dtype=np.uint8),
+            "grids": np.stack([pooled_grid(tiles, r, c, m) for r, c in origins]).astype(np.float16),
+            "index": pd.DataFrame({"slide": "a", "magnification": m.name, "mag_index": m.index,
+                                   "x": [c * P for _, c in origins], "y": [r * P for r, _ in origins],
+                                   "row0": [r for r, _ in origins], "col0": [c for _, c in origins],
+                                   "mask_fraction": np.float32(1.0)}),
+        }
+    parts = root / "store" / "toy.parts"
+    enc = {"name": "fake", "dim": C, "is_standin": True}
+    st.write_part(parts / "a", {"slide": "a", "status": "ok", "counts": {}, "encoder": enc}, per_mag, tiles=tiles)
+    st.build_store([parts / "a"], root / "store" / "toy", "brca", P, 4, enc)
+
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                           context_dim=32, image_size=P // 4))
+    summ = Summarizer(SummarizerConfig(input_dim=C, hidden_dim=32, mlp_dim=64, depth=1, num_heads=2))
+    vq = VQModel(VQConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, n_embed=64, resolution=P))
+    cdm = ConditionDiT(CDMConfig(in_channels=32, hidden_size=32, depth=1, num_heads=2))
+    _perturb(unet, summ, cdm)
+    ckpt = save_checkpoint(root / "zoomldm.safetensors", "zoomldm", {"unet": unet, "summarizer": summ, "vq": vq})
+    cdm_ckpt = save_checkpoint(root / "cdm.safetensors", "cdm", {"cdm": cdm})
+
+    from baselines.graikos import PatchEmbedder, PatchEmbedderConfig
+    from zoomldm.training.loop import write_weights
+    gunet = UNet(unet.config)
+    embedder = PatchEmbedder(PatchEmbedderConfig(C, 32))
+    _perturb(gunet)
+    graikos = root / "graikos.safetensors"
+    write_weights(graikos, "graikos", {"unet": gunet, "embedder": embedder, "vq": vq}, {}, {})
+
+    cfg = {"dataset": {"name": "toy", "store_root": str(root / "store"), "patch_px": P},
+           "sample": {"device": "cpu",
+                      "patches": {"n_per_mag": 5, "batch_size": 2, "plms_steps": 2, "cdm_steps": 3,
+                                  "shard_size": 2},
+                      "large": {"grids": [4], "n": 1, "steps": 2, "inner_steps": 1, "patch_batch": 8,
+                                "graikos_steps": 2, "window_batch": 32},
+                      "sr": {"n": 1, "inversion_steps": 2, "inner_steps": 1}}}
+    config = root / "cfg.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    return {"root": root, "config": str(config), "ckpt": str(ckpt), "cdm": str(cdm_ckpt), "graikos": str(graikos)}
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["sample", *map(str, args)])
+
+
+def ok(res):
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# patches
+
+def test_patch_shards_manifest_and_batch_size_independence(env, tmp_path):
+    from zoomldm.sampling.io import read_patch_set
+    outs = {}
+    for bs in (1, 3):
+        out = tmp_path / f"bs{bs}"
+        ok(run("patches", "--config", env["config"], "--ckpt", env["ckpt"], "--mag", "5x", "--out", out,
+               "--batch-size", bs, "--no-progress"))
+        outs[bs] = read_patch_set(out)
+        assert sorted(p.name for p in out.glob("images-*.npy")) == [f"images-{s:05d}.npy" for s in range(3)]
+        assert not (out / ".partial").exists()
+    images, manifest = outs[1]
+    assert images.shape == (5, P, P, 3) and images.dtype == np.uint8
+    assert manifest["index"].tolist() == list(range(5)) and set(manifest["cond"]) == {"store"}
+    assert {"seed", "mag", "slide", "x", "y", "shard", "row"} <= set(manifest.columns)
+    assert set(manifest["slide"]) == {"a"} and (manifest["mag"] == "5x").all()
+    np.testing.assert_array_equal(images, outs[3][0])             # item i depends only on (seed, i)
+    pd.testing.assert_frame_equal(manifest, outs[3][1])
+
+
+def test_patch_shards_resume_and_cdm_conditioning(env, tmp_path):
+    out = tmp_path / "cdm"
+    args = ["patches", "--config", env["config"], "--ckpt", env["ckpt"], "--mag", "20x", "--out", out, "--n", 3,
+            "--cond", "cdm", "--cdm-ckpt", env["cdm"], "--no-progress"]
+    ok(run(*args, "--shard", 1))                                  # one Snakemake job: shard 1 only
+    assert (out / "images-00001.npy").is_file() and not (out / "manifest.parquet").exists()
+    one = np.load(out / "images-00001.npy")
+    ok(run(*args))                                                # the rest, then the manifest
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    assert len(manifest) == 3 and set(manifest["cond"]) == {"cdm"} and (manifest["store_row"] == -1).all()
+    np.testing.assert_array_equal(np.load(out / "images-00001.npy"), one)
+    res = run(*args[:-2], "--no-progress")                        # without --cdm-ckpt: nothing left to do
+    assert res.exit_code == 0
+    res = run(*args, "--shard", 7)
+    assert res.exit_code == 2 and "--shard 7" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_interrupted_shard_keeps_its_finished_batches(env, tmp_path):
+    """A batch saved before an interruption is reused, not recomputed (a marker batch of zeros survives)."""
+    from zoomldm.sampling.io import PatchShards
+    out = tmp_path / "resume"
+    args = ["patches", "--config", env["config"], "--ckpt", env["ckpt"], "--mag", "5x", "--out", out, "--n", 4,
+            "--batch-size", 1, "--no-progress"]
+    shards = PatchShards(out, 4, 2)
+    marker = np.zeros((1, P, P, 3), np.uint8)
+    shards.write_batch(1, [2], marker, [{"index": 2, "seed": 0, "mag": "5x", "cond": "store", "slide": "a",
+                                         "x": -1, "y": -1, "store_row": 0, "model": "", "model_kind": "zoomldm",
+                                         "mag_index": 2, "steps": 2, "cfg_scale": 1.75}])
+    assert shards.pending(1) == [3]
+    ok(run(*args))
+    images = np.load(out / "images-00001.npy")
+    assert (images[0] == 0).all() and images[1].std() > 0 and not (out / ".partial").exists()
+
+
+def test_cdm_contexts_follow_the_official_sampler(env):
+    """sample_cdm_contexts = ADM-spaced DDIM (η = 0) over x0-prediction, item-seeded, batch-independent."""
+    from zoomldm.diffusion import Schedule
+    from zoomldm.sampling.denoisers import load_cdm, sample_cdm_contexts
+    cdm = load_cdm(env["cdm"])
+    a = sample_cdm_contexts(cdm, 3, 2, seed=5, steps=4)
+    b = torch.cat([sample_cdm_contexts(cdm, 1, 2, seed=5, steps=4, indices=[i]) for i in range(3)])
+    assert a.shape == (3, 65, 32)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # One step from t = 999 with ᾱ_prev = 1 (ADM) returns the model's x̂0 itself.
+    one = sample_cdm_contexts(cdm, 1, 2, seed=5, steps=1)
+    from zoomldm.diffusion import randn_items
+    from zoomldm.sampling.denoisers import stream_seed
+    x = randn_items(stream_seed(5, "cdm"), [0], (32, 65))
+    assert Schedule.cosine().timesteps(1, "adm") == (0,)
+    with torch.no_grad():
+        x0 = cdm(x, torch.zeros(1, dtype=torch.long), torch.tensor([2]))[:, :32]
+    torch.testing.assert_close(one, x0.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# large images
+
+def test_large_contract_constraint_off_and_consistency(env, tmp_path):
+    on, off = tmp_path / "on", tmp_path / "off"
+    base = ["large", "--config", env["config"], "--ckpt", env["ckpt"], "--grid", 4, "--no-progress"]
+    ok(run(*base, "--out", on))
+    ok(run(*base, "--out", off, "--no-constraint"))
+    recs = {}
+    for out, flag in [(on, True), (off, False)]:
+        assert Image.open(out / "0.png").size == (4 * P, 4 * P)
+        assert Image.open(out / "0_guide.png").size == (P, P)
+        rec = json.loads((out / "0.json").read_text())
+        assert rec["constraint"] is flag and rec["seed"] == 0 and rec["seconds"] > 0
+        assert math.isfinite(rec["consistency_mae"]) and 0 <= rec["consistency_mae"] <= 255
+        assert rec["source"]["slide"] == "a" and rec["guide_mag"] == "5x"
+        recs[flag] = rec
+    # Same seed: the guide is identical (one-way coupling); only the constraint loop differs.
+    guides = [np.asarray(Image.open(d / "0_guide.png")) for d in (on, off)]
+    np.testing.assert_array_equal(*guides)
+    assert recs[True]["joint_unet_forwards"] > recs[False]["joint_unet_forwards"] == 2 * 2 * (1 + 16)
+    assert recs[False]["vq_encodes"] == 0 and recs[True]["vq_encodes"] == 2 * 2 * 16
+    summary = tmp_path / "consistency.json"
+    ok(CliRunner().invoke(main, ["sample", "consistency", "--constrained", str(on), "--unconstrained", str(off),
+                                 "--out", str(summary)]))
+    s = json.loads(summary.read_text())
+    assert s["n"] == 1 and s["constrained_mae"] == recs[True]["consistency_mae"]
+    assert s["unconstrained_mae"] == recs[False]["consistency_mae"]
+    mtime = (on / "0.json").stat().st_mtime_ns
+    ok(run(*base, "--out", on))                                   # finished items are skipped
+    assert (on / "0.json").stat().st_mtime_ns == mtime
+    ok(run(*base, "--out", tmp_path / "cdm", "--cond", "cdm", "--cdm-ckpt", env["cdm"], "--inner-steps", 0))
+    rec = json.loads((tmp_path / "cdm" / "0.json").read_text())
+    assert rec["cond"] == "cdm" and rec["source"] is None and rec["constraint"] is True
+
+
+def test_real_conditioning_falls_back_to_the_part_tiles(env):
+    from zoomldm.data.store import RegionStore
+    from zoomldm.sampling.denoisers import RegionLookup
+    store = RegionStore(env["root"] / "store" / "toy")
+    tiles = np.load(env["root"] / "store" / "toy.parts" / "a" / "tiles.npy")
+    lookup = RegionLookup(store, "5x")
+    for row in range(len(lookup)):
+        region = lookup.region(row)
+        expect = tiles[region.row0:region.row0 + 4, region.col0:region.col0 + 4].reshape(16, C)
+        np.testing.assert_array_equal(region.base_grids[:, :, 0, 0], expect.astype(np.float32))
+        assert region.from_tiles == sum((region.row0 + a, region.col0 + b) in MISSING
+                                        for a in range(4) for b in range(4))
+    assert sum(lookup.region(r).from_tiles for r in range(len(lookup))) == len(MISSING)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Graikos panoramas
+
+def test_graikos_panorama_runs(env, tmp_path):
+    ok(run("graikos-large", "--config", env["config"], "--ckpt", env["graikos"], "--grid", 4, "--out", tmp_path,
+           "--no-progress"))
+    assert Image.open(tmp_path / "0.png").size == (4 * P, 4 * P)
+    rec = json.loads((tmp_path / "0.json").read_text())
+    windows = 13 * 13                                             # (4·4 − 4)/1 + 1 per side, stride = 4/4
+    assert rec["unet_forwards"] == windows * 2 * 2 and rec["constraint"] is False and rec["seed"] == 0
+    # same real region as ZoomLDM image 0
+    from zoomldm.data.store import RegionStore
+    from zoomldm.sampling.denoisers import RegionLookup, pick_rows
+    lookup = RegionLookup(RegionStore(env["root"] / "store" / "toy"), "5x")
+    assert rec["source"]["store_row"] == int(pick_rows(len(lookup), [0], 0, "large", "5x")[0])
+    # its patch sets for FID: base magnification, real embeddings only
+    ok(run("patches", "--config", env["config"], "--ckpt", env["graikos"], "--mag", "20x", "--n", 2, "--out",
+           tmp_path / "patches", "--no-progress"))
+    assert pd.read_parquet(tmp_path / "patches" / "manifest.parquet")["model_kind"].tolist() == ["graikos"] * 2
+    _one_line_error(run("patches", "--config", env["config"], "--ckpt", env["graikos"], "--mag", "5x", "--out",
+                        tmp_path / "bad"), "Graikos patch model")
+
+
+def test_slerp_weights_interpolate_exactly_at_grid_points():
+    from baselines.panorama import interpolate_grid, slerp, window_conditions, window_layout
+    g, w, stride = 4, 8, 2
+    tiles = torch.randn(g, g, 5, dtype=torch.float64)
+    conds = window_conditions(tiles, w, stride)
+    layout = window_layout(g, w, stride)
+    assert len(layout) == conds.shape[0] == ((g * w - w) // stride + 1) ** 2
+    for k, (i, j) in enumerate(layout):
+        if i % w == 0 and j % w == 0:                             # window aligned with tile (i/w, j/w)
+            assert torch.equal(conds[k], tiles[i // w, j // w])
+    # closed form between orthogonal unit vectors: cos(tπ/2) a + sin(tπ/2) b
+    a, b = torch.tensor([[1.0, 0, 0]], dtype=torch.float64), torch.tensor([[0, 2.0, 0]], dtype=torch.float64)
+    for t in (0.0, 0.25, 0.5, 1.0):
+        torch.testing.assert_close(slerp(a, b, t), math.cos(t * math.pi / 2) * a + math.sin(t * math.pi / 2) * b)
+    torch.testing.assert_close(slerp(a, 3 * a, 0.5), 2 * a)       # parallel: linear
+    mid = interpolate_grid(tiles, torch.tensor([0.5]), torch.tensor([0.0]))
+    torch.testing.assert_close(mid[0], slerp(tiles[0, 0][None], tiles[1, 0][None], 0.5)[0])
+    edge = interpolate_grid(tiles, torch.tensor([float(g - 1)]), torch.tensor([float(g - 1)]))
+    assert torch.equal(edge[0], tiles[-1, -1])
+
+
+def test_panorama_window_average_equals_a_canvas_ddim_step():
+    """With a pointwise denoiser, the per-pixel mean over overlapping windows is the canvas ε itself, so the
+    panorama sampler must reproduce plain DDIM on the whole canvas."""
+    from baselines.panorama import GraikosModel, PanoramaConfig, panorama_sample
+    from zoomldm.diffusion import Schedule, ddim_sample, randn_items, step_noise_fn
+
+    class Pointwise(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = UNetConfig(model_channels=32, channel_mult=(1,), context_dim=4, image_size=4,
+                                     attention_resolutions=())
+            self.w = torch.nn.Parameter(torch.tensor(0.3))
+
+        def forward(self, x, t, ctx):
+            return self.w * x + 0.01 * ctx.mean() * 0 + 1e-4 * t[:, None, None, None]
+
+    from baselines.graikos import PatchEmbedder, PatchEmbedderConfig
+    gm = GraikosModel(Pointwise(), PatchEmbedder(PatchEmbedderConfig(5, 4)), None, None)
+    cfg = PanoramaConfig(steps=4, eta=1.0, guidance=3.0, window_batch=7)
+    x_T = randn_items(1, [0], (3, 12, 12))
+    got = panorama_sample(gm, torch.randn(3, 3, 5), x_T, cfg, step_noise_fn(2, [0]))
+    want = ddim_sample(lambda x, t: 0.3 * x + 1e-4 * t[:, None, None, None], x_T, Schedule.scaled_linear(), 4,
+                       eta=1.0, noise_fn=step_noise_fn(2, [0]))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# super-resolution and bad input
+
+def test_sr_writes_consistency_and_psnr(env, tmp_path):
+    ok(run("sr-inputs", "--config", env["config"], "--grid", 4, "--n", 1, "--out", tmp_path / "in"))
+    lr = tmp_path / "in" / "lr" / "0.png"
+    assert Image.open(tmp_path / "in" / "hr" / "0.png").size == (4 * P, 4 * P)
+    ok(run("sr", "--config", env["config"], "--ckpt", env["ckpt"], "--lr", lr, "--out", tmp_path / "sr",
+           "--no-progress"))
+    assert Image.open(tmp_path / "sr" / "0.png").size == (4 * P, 4 * P)
+    rec = json.loads((tmp_path / "sr" / "0.json").read_text())
+    assert 0 <= rec["lr_consistency_mae"] <= 255 and rec["lr_psnr"] > 0
+
+
+def _one_line_error(res, *needles):
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_bad_inputs_are_one_line(env, tmp_path):
+    wrong = tmp_path / "wrong.png"
+    Image.fromarray(np.zeros((P + 3, P, 3), np.uint8)).save(wrong)
+    _one_line_error(run("sr", "--config", env["config"], "--ckpt", env["ckpt"], "--lr", wrong, "--out", tmp_path),
+                    "wrong.png", f"{P}x{P}")
+    _one_line_error(run("large", "--config", env["config"], "--ckpt", env["ckpt"], "--grid", 3, "--out", tmp_path),
+                    "--grid 3", "4 (5x)")
+    _one_line_error(run("large", "--config", env["config"], "--ckpt", env["ckpt"], "--grid", 8, "--out", tmp_path),
+                    "2.5x")                                       # no 2.5x regions in the store
+    _one_line_error(run("patches", "--config", env["config"], "--ckpt", env["cdm"], "--mag", "5x", "--out",
+                        tmp_path / "x"), "cdm checkpoint", "--ckpt")
+    _one_line_error(run("large", "--config", env["config"], "--ckpt", env["cdm"], "--grid", 4, "--out", tmp_path),
+                    "cdm checkpoint")
+    _one_line_error(run("graikos-large", "--config", env["config"], "--ckpt", env["ckpt"], "--grid", 4, "--out",
+                        tmp_path), "zoomldm checkpoint", "Graikos")

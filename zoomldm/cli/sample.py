@@ -1,0 +1,421 @@
+"""`zoomldm sample`: patch sets for FID, large images by joint multi-scale sampling, SR, Graikos panoramas.
+
+    zoomldm sample patches --ckpt M --mag 5x --n 10000 --out DIR [--cond cdm --cdm-ckpt C] [--shard K]
+    zoomldm sample large --ckpt M --grid 4 --n 8 --out DIR [--no-constraint] [--cond cdm --cdm-ckpt C]
+    zoomldm sample graikos-large --ckpt G --grid 4 --n 8 --out DIR
+    zoomldm sample sr-inputs --config CFG --grid 4 --n 4 --out DIR       # LR/HR pairs from the store
+    zoomldm sample sr --ckpt M --lr IMAGE [--lr IMAGE ...] --out DIR
+    zoomldm sample consistency --constrained DIR --unconstrained DIR --out JSON
+
+Every item i depends only on (seed, i); items already written are skipped, so rerunning resumes. Defaults come
+from the `sample:` section of --config (the built-in defaults without one); options override them.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import click
+
+from zoomldm.cli.data import resolve_device, store_dir
+from zoomldm.config import Config, load_config
+
+log = logging.getLogger("zoomldm.sample")
+
+
+def _config(config_path: str | None) -> Config:
+    return load_config(config_path) if config_path else Config()
+
+
+def _store(cfg: Config, config_path: str | None, store_path: str | None, required: bool = True):
+    from zoomldm.data.store import RegionStore
+    if store_path:
+        return RegionStore(store_path)
+    if config_path:
+        return RegionStore(store_dir(cfg))
+    if required:
+        raise ValueError("real conditioning needs the region store: pass --config CFG or --store DIR")
+    return None
+
+
+def _common(f):
+    f = click.option("--progress/--no-progress", default=True, show_default=True)(f)
+    f = click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=None,
+                     help="UNet autocast on CUDA; auto: bf16 for patches, fp16 for joint sampling, fp32 for SR; "
+                          "CPU: fp32 [sample.precision].")(f)
+    f = click.option("--device", default=None, help="cpu, cuda, cuda:1 or auto [sample.device].")(f)
+    f = click.option("--seed", type=int, default=None, help="Base seed [sample.seed].")(f)
+    f = click.option("--store", "store_path", type=click.Path(file_okay=False), default=None,
+                     help="Region store folder (default: the one of --config).")(f)
+    f = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                     help="Config YAML: defaults (sample: section) and the store.")(f)
+    f = click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")(f)
+    return f
+
+
+def _model_options(f):
+    f = click.option("--vq", "vq_path", type=click.Path(dir_okay=False), default=None,
+                     help="VQ checkpoint, for a --ckpt without a bundled VQ.")(f)
+    f = click.option("--cdm-ckpt", type=click.Path(dir_okay=False), default=None,
+                     help="CDM checkpoint (with --cond cdm).")(f)
+    f = click.option("--cond", type=click.Choice(["store", "cdm"]), default=None,
+                     help="Conditioning: real regions of the store, or CDM samples.")(f)
+    f = click.option("--ckpt", required=True, type=click.Path(dir_okay=False),
+                     help="ZoomLDM (or single-scale) model.safetensors.")(f)
+    return f
+
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+@click.group()
+def sample() -> None:
+    """Generate images: patch sets, large images, super-resolution, Graikos panoramas."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# patches
+
+@sample.command()
+@_model_options
+@click.option("--mag", required=True, help="Magnification to sample (e.g. 20x, 5x).")
+@click.option("--n", type=click.IntRange(min=1), default=None, help="Set size [sample.patches.n_per_mag].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[sample.patches.batch_size]")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="PLMS steps [sample.patches.plms_steps].")
+@click.option("--cfg-scale", type=float, default=None, help="CFG s, standard form [sample.patches.cfg_scale].")
+@click.option("--cdm-steps", type=click.IntRange(min=1), default=None, help="[sample.patches.cdm_steps]")
+@click.option("--shard-size", type=click.IntRange(min=1), default=None, help="[sample.patches.shard_size]")
+@click.option("--shard", type=click.IntRange(min=0), default=None,
+              help="Write only this shard (one Snakemake job); without it: every missing shard, then manifest.")
+@_common
+def patches(ckpt, cond, cdm_ckpt, vq_path, mag, n, batch_size, steps, cfg_scale, cdm_steps, shard_size, shard,
+            out, config_path, store_path, seed, device, precision, progress) -> None:
+    """A patch set of one magnification: images-KKKKK.npy shards (uint8) + manifest.parquet."""
+    from zoomldm.sampling.io import PatchShards
+    cfg = _config(config_path)
+    pc, sc = cfg.sample.patches, cfg.sample
+    cond = _pick(cond, "store")
+    shards = PatchShards(out, _pick(n, pc.n_per_mag), _pick(shard_size, pc.shard_size))
+    todo = [shard] if shard is not None else list(range(shards.num_shards))
+    for s in todo:
+        shards.items(s)                                                   # range check before loading models
+    todo = [s for s in todo if not shards.shard_done(s)]
+    if todo:
+        _sample_patch_shards(shards, todo, ckpt, cond, cdm_ckpt, vq_path, mag, cfg, config_path, store_path,
+                             seed=_pick(seed, sc.seed), batch=_pick(batch_size, pc.batch_size),
+                             steps=_pick(steps, pc.plms_steps), scale=_pick(cfg_scale, pc.cfg_scale),
+                             cdm_steps=_pick(cdm_steps, pc.cdm_steps), device=_pick(device, sc.device),
+                             precision=_pick(precision, sc.precision), progress=progress)
+    if shard is None:
+        click.echo(f"{shards.merge_manifest()}: {shards.n} images")
+
+
+def _sample_patch_shards(shards, todo, ckpt, cond, cdm_ckpt, vq_path, mag, cfg, config_path, store_path, *,
+                         seed, batch, steps, scale, cdm_steps, device, precision, progress) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    from baselines.panorama import context_from_store as graikos_context
+    from baselines.panorama import load_graikos
+    from zoomldm import mags
+    from zoomldm.models.checkpoint import read_checkpoint
+    from zoomldm.sampling import denoisers as dn
+    from zoomldm.sampling.io import to_uint8
+
+    dev = resolve_device(device)
+    graikos = read_checkpoint(ckpt).kind == "graikos"
+    m = load_graikos(ckpt, dev, vq_path=vq_path) if graikos else dn.load_zoomldm(ckpt, dev, vq_path=vq_path)
+    store = _store(cfg, config_path, store_path, required=cond == "store")
+    ladder = store.ladder if store is not None else cfg.dataset.ladder
+    mg = mags.find(ladder, mag)
+    if graikos and (cond != "store" or mg.index != 0):
+        raise ValueError(f"{ckpt} is a Graikos patch model: it samples base-magnification patches "
+                         f"({mags.ladder(ladder)[0].name}) from real embeddings (--cond store) only")
+    if not graikos and mg.index >= m.summarizer.config.mag_levels:
+        raise ValueError(f"--mag {mg.name}: the model knows {m.summarizer.config.mag_levels} magnifications")
+    table = cdm = None
+    if cond == "store":
+        table = store.table(mg.name)
+        if store.patch_px != m.patch_px:
+            raise ValueError(f"{ckpt} generates {m.patch_px}-px patches but the store {store.root} holds "
+                             f"{store.patch_px}-px regions")
+    else:
+        if cdm_ckpt is None:
+            raise ValueError("--cond cdm needs --cdm-ckpt")
+        cdm = dn.load_cdm(cdm_ckpt, dev)
+        dn.check_cdm_fits(cdm, m, mg.index)
+    x_seed = dn.stream_seed(seed, "patches", mg.name)
+    total = sum(len(shards.pending(s)) for s in todo)
+    bar = tqdm(total=total, desc=f"patches {mg.name} ({cond})", disable=not progress, unit="img")
+    for s in todo:
+        pending = shards.pending(s)
+        for k in range(0, len(pending), batch):
+            idx = pending[k:k + batch]
+            with torch.no_grad(), dn.autocast(dev, precision):
+                if cond == "store":
+                    rows = dn.pick_rows(len(table), idx, seed, "patches", mg.name)
+                    ctx = (graikos_context(m, store, rows.tolist()) if graikos else
+                           dn.context_from_store(m.summarizer, store, mg.name, rows.tolist()))
+                else:
+                    rows = [-1] * len(idx)
+                    ctx = dn.sample_cdm_contexts(cdm, len(idx), mg.index, dn.stream_seed(seed, "patches-cdm",
+                                                 mg.name), cdm_steps, indices=idx, batch_size=len(idx))
+                latents = dn.sample_patch_latents(m, ctx, idx, x_seed, steps, scale)
+                images = to_uint8(m.decode(latents))
+            meta = []
+            for i, r in zip(idx, rows):
+                rec = table.manifest.iloc[int(r)] if cond == "store" else None
+                meta.append({"index": i, "seed": seed, "mag": mg.name, "mag_index": mg.index, "cond": cond,
+                             "slide": "" if rec is None else str(rec["slide"]),
+                             "x": -1 if rec is None else int(rec["x"]), "y": -1 if rec is None else int(rec["y"]),
+                             "store_row": int(r), "model": str(ckpt), "model_kind": m.kind,
+                             "steps": steps, "cfg_scale": scale})
+            shards.write_batch(s, idx, images, meta)
+            bar.update(len(idx))
+        shards.finish_shard(s)
+    bar.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# large images
+
+def guide_magnification(ladder: str, grid: int):
+    """The magnification whose region spans grid x grid base tiles (4 -> 5x, 16 -> 1.25x on BRCA)."""
+    from zoomldm import mags
+    levels = mags.ladder(ladder)
+    for m in levels:
+        if m.tiles_per_side == grid and grid > 1:
+            return m
+    options = ", ".join(f"{m.tiles_per_side} ({m.name})" for m in levels if m.tiles_per_side > 1)
+    raise ValueError(f"--grid {grid}: no magnification of the {ladder} ladder spans {grid}x{grid} base tiles; "
+                     f"choose one of {options}")
+
+
+def _items(n: int, shard: int | None, num_shards: int) -> list[int]:
+    if shard is not None and not 0 <= shard < num_shards:
+        raise ValueError(f"--shard {shard} must lie in [0, --num-shards {num_shards})")
+    return [i for i in range(n) if shard is None or i % num_shards == shard]
+
+
+def _large_options(f):
+    f = click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True)(f)
+    f = click.option("--shard", type=click.IntRange(min=0), default=None,
+                     help="Only items i with i % num-shards == shard (one Snakemake job).")(f)
+    f = click.option("--window-batch", type=click.IntRange(min=1), default=None,
+                     help="Windows per batch [sample.large.window_batch].")(f)
+    f = click.option("--n", type=click.IntRange(min=1), default=None, help="Images [sample.large.n].")(f)
+    f = click.option("--grid", required=True, type=int,
+                     help="Base patches per side: 4 (1024 px at patch 256) or 16 (4096 px).")(f)
+    return f
+
+
+@sample.command()
+@_model_options
+@_large_options
+@click.option("--constraint/--no-constraint", default=True, show_default=True,
+              help="Off: the base patches are sampled independently (same seeds), to measure the constraint.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Outer steps [sample.large.steps].")
+@click.option("--inner-steps", type=click.IntRange(min=0), default=None, help="[sample.large.inner_steps]")
+@click.option("--guidance-w", type=float, default=None, help="w of (1+w)ε_c − wε_u [sample.large.guidance_w].")
+@click.option("--patch-batch", type=click.IntRange(min=1), default=None, help="[sample.large.patch_batch]")
+@_common
+def large(ckpt, cond, cdm_ckpt, vq_path, grid, n, window_batch, shard, num_shards, constraint, steps, inner_steps,
+          guidance_w, patch_batch, out, config_path, store_path, seed, device, precision, progress) -> None:
+    """Large images by joint multi-scale sampling: OUT/<i>.png, OUT/<i>_guide.png and OUT/<i>.json."""
+    import torch
+
+    from zoomldm.diffusion.joint import JointConfig
+    from zoomldm.sampling import denoisers as dn
+    from zoomldm.sampling.io import item_done, write_json, write_png
+    from zoomldm.sampling.large import large_conditions, sample_large
+    cfg = _config(config_path)
+    lc, sc = cfg.sample.large, cfg.sample
+    cond, seed = _pick(cond, lc.cond), _pick(seed, sc.seed)
+    n = _pick(n, lc.n_by_grid.get(str(grid), lc.n))
+    store = _store(cfg, config_path, store_path, required=cond == "store")
+    guide = guide_magnification(store.ladder if store is not None else cfg.dataset.ladder, grid)
+    lookup = dn.RegionLookup(store, guide.name) if cond == "store" else None   # fails if the store lacks it
+    todo = [i for i in _items(n, shard, num_shards) if not item_done(out, i)]
+    if not todo:
+        return
+    jcfg = JointConfig(steps=_pick(steps, lc.steps), inner_steps=_pick(inner_steps, lc.inner_steps), h=lc.h,
+                       lr=lc.lr, constraint=constraint, guidance_w=_pick(guidance_w, lc.guidance_w),
+                       patch_batch=_pick(patch_batch, lc.patch_batch))
+    dev = resolve_device(_pick(device, sc.device))
+    m = dn.load_zoomldm(ckpt, dev, vq_path=vq_path)
+    if guide.index >= m.summarizer.config.mag_levels:
+        raise ValueError(f"--grid {grid}: the model knows {m.summarizer.config.mag_levels} magnifications, "
+                         f"not {guide.name}")
+    if store is not None and store.patch_px != m.patch_px:
+        raise ValueError(f"{ckpt} generates {m.patch_px}-px patches but the store {store.root} holds "
+                         f"{store.patch_px}-px regions")
+    cdm = None
+    if cond == "cdm":
+        if cdm_ckpt is None:
+            raise ValueError("--cond cdm needs --cdm-ckpt")
+        cdm = dn.load_cdm(cdm_ckpt, dev)
+        dn.check_cdm_fits(cdm, m, guide.index)
+    cdm_steps = cfg.sample.patches.cdm_steps
+    for i in todo:
+        with torch.no_grad(), dn.autocast(dev, _pick(precision, sc.precision), "joint"):
+            guide_ctx, patch_ctx, source = large_conditions(m, i, grid, guide, seed, lookup, cdm, cdm_steps)
+            item = sample_large(m, i, grid, guide, seed, jcfg, guide_ctx, patch_ctx,
+                                _pick(window_batch, lc.window_batch), progress)
+        item.record.update(cond=cond, source=source, model=str(ckpt), device=str(dev))
+        write_png(Path(out) / f"{i}_guide.png", item.guide)
+        write_png(Path(out) / f"{i}.png", item.image)
+        write_json(Path(out) / f"{i}.json", item.record)
+        log.info("%s/%d.png: consistency MAE %.2f, %.1f s", out, i, item.record["consistency_mae"],
+                 item.record["seconds"])
+
+
+@sample.command("graikos-large")
+@click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="Graikos model.safetensors.")
+@click.option("--vq", "vq_path", type=click.Path(dir_okay=False), default=None,
+              help="VQ checkpoint, for a --ckpt without a bundled VQ.")
+@_large_options
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="DDIM steps [sample.large.graikos_steps].")
+@click.option("--eta", type=click.FloatRange(0, 1), default=None, help="[sample.large.graikos_eta]")
+@click.option("--guidance", type=float, default=None,
+              help="g of (1+g)ε_c − gε_u [sample.large.graikos_guidance].")
+@_common
+def graikos_large(ckpt, vq_path, grid, n, window_batch, shard, num_shards, steps, eta, guidance, out, config_path,
+                  store_path, seed, device, precision, progress) -> None:
+    """Graikos et al. panoramas of the same real regions as `sample large`: OUT/<i>.png and OUT/<i>.json."""
+    import torch
+
+    from baselines.panorama import PanoramaConfig, load_graikos
+    from zoomldm.sampling import denoisers as dn
+    from zoomldm.sampling.io import item_done, write_json, write_png
+    from zoomldm.sampling.large import sample_graikos_large
+    cfg = _config(config_path)
+    lc, sc = cfg.sample.large, cfg.sample
+    seed = _pick(seed, sc.seed)
+    n = _pick(n, lc.n_by_grid.get(str(grid), lc.n))
+    store = _store(cfg, config_path, store_path)
+    guide = guide_magnification(store.ladder, grid)
+    lookup = dn.RegionLookup(store, guide.name)
+    todo = [i for i in _items(n, shard, num_shards) if not item_done(out, i)]
+    if not todo:
+        return
+    dev = resolve_device(_pick(device, sc.device))
+    gm = load_graikos(ckpt, dev, vq_path=vq_path)
+    if gm.unet.config.image_size * gm.vq.config.downsampling != store.patch_px:
+        raise ValueError(f"{ckpt} generates {gm.unet.config.image_size * gm.vq.config.downsampling}-px patches "
+                         f"but the store {store.root} holds {store.patch_px}-px regions")
+    pcfg = PanoramaConfig(steps=_pick(steps, lc.graikos_steps), eta=_pick(eta, lc.graikos_eta),
+                          guidance=_pick(guidance, lc.graikos_guidance),
+                          window_batch=_pick(window_batch, lc.window_batch))
+    for i in todo:
+        region = lookup.region(int(dn.pick_rows(len(lookup), [i], seed, "large", guide.name)[0]))
+        tiles = torch.from_numpy(region.base_grids.reshape(grid, grid, -1))      # (g, g, C) raw embeddings
+        with torch.no_grad(), dn.autocast(dev, _pick(precision, sc.precision)):
+            item = sample_graikos_large(gm, i, tiles, seed, pcfg, pcfg.window_batch, progress)
+        item.record.update(cond="store", source=region.source(), model=str(ckpt), device=str(dev),
+                           guide_mag=guide.name)
+        write_png(Path(out) / f"{i}.png", item.image)
+        write_json(Path(out) / f"{i}.json", item.record)
+
+
+@sample.command()
+@click.option("--constrained", "constrained", multiple=True, required=True, type=click.Path(file_okay=False),
+              help="Output folder(s) of `sample large` (constraint on).")
+@click.option("--unconstrained", "unconstrained", multiple=True, required=True, type=click.Path(file_okay=False),
+              help="The same runs with --no-constraint (same seeds), in the same order.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSON to write.")
+def consistency(constrained, unconstrained, out) -> None:
+    """Mean guide-consistency error with and without the constraint, over images present in both."""
+    from zoomldm.sampling.io import write_json
+    from zoomldm.sampling.large import consistency_summary
+    write_json(Path(out), consistency_summary(constrained, unconstrained))
+    click.echo(Path(out).read_text().strip())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# super-resolution
+
+@sample.command("sr-inputs")
+@click.option("--grid", type=int, default=None,
+              help="SR factor = base tiles per side of the LR [sample.sr.grid].")
+@click.option("--n", type=click.IntRange(min=1), default=None, help="[sample.sr.n]")
+@_common
+def sr_inputs(grid, n, out, config_path, store_path, seed, device, precision, progress) -> None:
+    """LR/HR test pairs from the store: OUT/lr/<k>.png (a region at the magnification spanning grid x grid base
+    tiles), OUT/hr/<k>.png (its base tiles assembled) and OUT/<k>.json (source; hr_complete is false when some
+    base tiles are not in the store and are black in HR). Complete regions are used first."""
+    from zoomldm.sampling.io import item_done, write_json, write_png
+    from zoomldm.sampling.large import sr_pairs
+    cfg = _config(config_path)
+    grid, n, seed = _pick(grid, cfg.sample.sr.grid), _pick(n, cfg.sample.sr.n), _pick(seed, cfg.sample.seed)
+    store = _store(cfg, config_path, store_path)
+    guide = guide_magnification(store.ladder, grid)
+    for k, (lr, hr, source) in enumerate(sr_pairs(store, guide.name, n, seed)):
+        if not item_done(out, k):
+            write_png(Path(out) / "lr" / f"{k}.png", lr)
+            write_png(Path(out) / "hr" / f"{k}.png", hr)
+            write_json(Path(out) / f"{k}.json", source)
+
+
+@sample.command()
+@click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="ZoomLDM model.safetensors.")
+@click.option("--lr", "lr_paths", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help="LR image(s), patch_px x patch_px, at the magnification spanning --grid base tiles.")
+@click.option("--grid", type=int, default=None, help="SR factor [sample.sr.grid]: 4 = LR at 5x -> 20x.")
+@click.option("--vq", "vq_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--inversion-steps", type=click.IntRange(min=1), default=None, help="[sample.sr.inversion_steps]")
+@click.option("--inner-steps", type=click.IntRange(min=0), default=None, help="[sample.sr.inner_steps]")
+@_common
+def sr(ckpt, lr_paths, grid, vq_path, inversion_steps, inner_steps, out, config_path, store_path, seed, device,
+       precision, progress) -> None:
+    """Super-resolution by condition inversion + joint sampling: OUT/<name>.png and OUT/<name>.json."""
+    from zoomldm.diffusion.joint import JointConfig
+    from zoomldm.sampling import denoisers as dn
+    from zoomldm.sampling.io import from_uint8, item_done, read_png, write_json, write_png
+    from zoomldm.sampling.sr import super_resolve, to_uint8
+    cfg = _config(config_path)
+    src, sc, lc = cfg.sample.sr, cfg.sample, cfg.sample.large
+    grid, seed = _pick(grid, src.grid), _pick(seed, sc.seed)
+    ladder = _store(cfg, None, store_path).ladder if store_path else cfg.dataset.ladder   # no store needed
+    guide = guide_magnification(ladder, grid)
+    names = [Path(p).stem for p in lr_paths]
+    if len(set(names)) != len(names):
+        raise ValueError("--lr file names (without extension) must be unique: they name the outputs")
+    todo = [(p, nm) for p, nm in zip(lr_paths, names) if not item_done(out, nm)]
+    if not todo:
+        return
+    dev = resolve_device(_pick(device, sc.device))
+    m = dn.load_zoomldm(ckpt, dev, vq_path=vq_path)
+    images = {}
+    for p, _ in todo:                              # check every input before the first (slow) inversion
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"--lr {p}: no such file")
+        img = read_png(p)
+        if img.shape[:2] != (m.patch_px, m.patch_px):
+            raise ValueError(f"--lr {p}: image is {img.shape[1]}x{img.shape[0]} px; the model's LR input must be "
+                             f"{m.patch_px}x{m.patch_px} (one patch at {guide.name})")
+        images[p] = img
+    jcfg = JointConfig(steps=lc.steps, inner_steps=_pick(inner_steps, src.inner_steps), h=lc.h, lr=lc.lr,
+                       guidance_w=lc.guidance_w, patch_batch=lc.patch_batch)
+    amp = dn.amp_dtype(dev, _pick(precision, sc.precision), "sr")
+    for p, name in todo:
+        start = time.perf_counter()
+        m.counter = dn.Counter()
+        res = super_resolve(m.unet, m.summarizer, m.encode, m.decode, from_uint8(images[p], dev), guide.index,
+                            grid, m.schedule, cfg=jcfg, seed=dn.stream_seed(seed, "sr", name),
+                            inversion_steps=_pick(inversion_steps, src.inversion_steps),
+                            inversion_lr=src.inversion_lr, window=m.latent_side, amp_dtype=amp, progress=progress)
+        write_png(Path(out) / f"{name}.png", to_uint8(res.image))
+        write_json(Path(out) / f"{name}.json", {
+            "lr": str(p), "lr_mag": guide.name, "grid": grid, "seed": seed, "size_px": int(res.image.shape[-1]),
+            "lr_psnr": res.lr_psnr, "lr_consistency_mae": res.lr_consistency_mae,
+            "seconds": time.perf_counter() - start, "inner_steps": jcfg.inner_steps,
+            "inversion_steps": _pick(inversion_steps, src.inversion_steps),   # UNet forward + backward each
+            "joint_unet_forwards": res.joint.unet_forwards, "joint_vq_decodes": res.joint.vq_decodes,
+            "joint_vq_encodes": res.joint.vq_encodes, "blend_vq_decodes": res.blend_decodes,
+            "vq_decodes": m.counter.vq_decode, "vq_encodes": m.counter.vq_encode, "model": str(ckpt)})
+
+
+__all__ = ["sample", "guide_magnification"]

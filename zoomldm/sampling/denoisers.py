@@ -1,0 +1,374 @@
+"""Checkpoints -> the denoiser functions the samplers of `zoomldm.diffusion` take.
+
+    m = load_zoomldm("resources/runs/demo_he/ldm/model.safetensors", "cpu")        # unet (EMA), summarizer, vq
+    ctx = context_from_store(m.summarizer, store, "5x", [0, 1, 2])                 # (3, 65, D)
+    eps_fn = patch_eps_fn(m.unet, ctx, scale=1.75)                                 # eps_fn(x_t, t)
+
+Guidance conventions (zoomldm.diffusion.guidance): patch sets use the standard form ε_u + s(ε_c − ε_u) with
+s = 1.75 (official CDM-FID script, official-implementation.md §4); the joint multi-scale and SR samplers write
+(1 + w) ε_c − w ε_u with w = 2 (§5.2), i.e. s = 1 + w = 3. The null condition is an all-zero context (§10.2).
+
+CDM conditioning (§4): the CDM models the Summarizer *output* (65 x D); samples come from 200 respaced DDIM
+steps (ADM spacing, η = 0, no clipping) of its x0-prediction on the cosine schedule, and are fed straight to the
+UNet's cross-attention (no Summarizer).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zoomldm.data.regions import TOKEN_EPS
+from zoomldm.diffusion import (Schedule, cfg_eps_fn, ddim_sample, eps_fn_from_x0_fn, item_seed, plms_sample,
+                               randn_items)
+from zoomldm.models.cdm import ConditionDiT
+from zoomldm.models.checkpoint import Checkpoint, load_component, read_checkpoint
+from zoomldm.models.summarizer import Summarizer
+from zoomldm.models.unet import UNet
+from zoomldm.models.vq import VQModel
+
+log = logging.getLogger(__name__)
+
+ZOOMLDM_KINDS = ("zoomldm", "single-scale")
+JointEpsFn = Callable[[torch.Tensor, torch.Tensor, str, "slice | None"], torch.Tensor]  # (x, t, which, index)
+
+
+class CheckpointKindError(ValueError):
+    """A checkpoint of another kind than the command needs (one line, naming the file)."""
+
+
+def stream_seed(seed: int, *tags: int | str) -> int:
+    """A base seed for one named random stream of a run (e.g. ("patches", "5x")): items of different
+    streams never share noise, and item i of a stream still depends only on (seed, tags, i)."""
+    return item_seed(seed, 0, "stream", *tags)
+
+
+@dataclass
+class Counter:
+    """Sample-forwards through the UNet (a CFG pair counts 2) and images through the VQ decoder/encoder."""
+    unet: int = 0
+    vq_decode: int = 0
+    vq_encode: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"unet_forwards": self.unet, "vq_decodes": self.vq_decode, "vq_encodes": self.vq_encode}
+
+
+@dataclass
+class ZoomLDM:
+    """The networks `sample` commands use, loaded from one checkpoint."""
+    unet: UNet
+    summarizer: Summarizer
+    vq: VQModel
+    path: Path
+    kind: str
+    schedule: Schedule = field(default_factory=Schedule.scaled_linear)
+    counter: Counter = field(default_factory=Counter)
+
+    @property
+    def latent_side(self) -> int:
+        return self.unet.config.image_size
+
+    @property
+    def patch_px(self) -> int:
+        return self.unet.config.image_size * self.vq.config.downsampling
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def model_fn(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        self.counter.unet += x.shape[0]
+        return self.unet(x, t, context)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """VQ decode with codebook quantisation (official decode_first_stage), clamped to [-1, 1]; float32 even
+        inside autocast (the joint sampler takes finite differences through the VQ)."""
+        self.counter.vq_decode += latent.shape[0]
+        with torch.autocast(latent.device.type, enabled=False):
+            return self.vq.decode(latent.float(), quantize=True).clamp(-1, 1)
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """VQ encode (pre-quantisation latent), float32 even inside autocast."""
+        self.counter.vq_encode += image.shape[0]
+        with torch.autocast(image.device.type, enabled=False):
+            return self.vq.encode(image.float())
+
+
+def _kind_error(path: Path, ckpt: Checkpoint, want: str) -> CheckpointKindError:
+    return CheckpointKindError(f"{path} is a {ckpt.kind} checkpoint (components: {', '.join(ckpt.components)}); "
+                               f"{want}")
+
+
+def load_zoomldm(ckpt_path: str | Path, device: str | torch.device = "cpu", ema: bool = True,
+                 vq_path: str | Path | None = None) -> ZoomLDM:
+    """UNet (its EMA copy when present and `ema`), Summarizer and VQ from a ZoomLDM or single-scale checkpoint.
+
+    The run's `model.safetensors` bundles the VQ that encoded the store's latents (`zoomldm train`); for a
+    checkpoint without one (e.g. `final.safetensors`) pass `vq_path`. Anything else (a CDM, a VQ, a Graikos
+    model) raises `CheckpointKindError` in one line.
+    """
+    path = Path(ckpt_path)
+    ckpt = read_checkpoint(path)
+    want = ("--ckpt needs a ZoomLDM checkpoint with unet, summarizer and vq, e.g. "
+            "resources/runs/<dataset>/ldm/model.safetensors")
+    if ckpt.kind not in ZOOMLDM_KINDS or not {"unet", "summarizer"} <= set(ckpt.components):
+        raise _kind_error(path, ckpt, want)
+    name = "unet_ema" if ema and "unet_ema" in ckpt.components else "unet"
+    if ema and name == "unet":
+        log.info("%s has no EMA UNet; sampling with the raw weights", path)
+    if vq_path is not None:
+        vq_ckpt = read_checkpoint(vq_path)
+        if "vq" not in vq_ckpt.components:
+            raise _kind_error(Path(vq_path), vq_ckpt, "--vq needs a checkpoint with a vq component")
+        vq = load_component(vq_ckpt, "vq", device)
+    elif "vq" in ckpt.components:
+        vq = load_component(ckpt, "vq", device)
+    else:
+        raise CheckpointKindError(f"{path} has no vq component: use the run's model.safetensors (it bundles the "
+                                  f"VQ of the store's latents) or pass --vq")
+    unet, summarizer = load_component(ckpt, name, device), load_component(ckpt, "summarizer", device)
+    if unet.config.context_dim != summarizer.config.hidden_dim:
+        raise CheckpointKindError(f"{path}: UNet context_dim {unet.config.context_dim} != Summarizer width "
+                                  f"{summarizer.config.hidden_dim}")
+    return ZoomLDM(unet, summarizer, vq, path, ckpt.kind)
+
+
+def load_cdm(ckpt_path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> ConditionDiT:
+    """The CDM (its EMA copy when present and `ema`) from a `zoomldm train cdm` checkpoint."""
+    path = Path(ckpt_path)
+    ckpt = read_checkpoint(path)
+    if "cdm" not in ckpt.components:
+        raise _kind_error(path, ckpt, "--cdm-ckpt needs a CDM checkpoint, e.g. "
+                                      "resources/runs/<dataset>/cdm/final.safetensors")
+    name = "cdm_ema" if ema and "cdm_ema" in ckpt.components else "cdm"
+    return load_component(ckpt, name, device)
+
+
+def check_cdm_fits(cdm: ConditionDiT, m: ZoomLDM, mag_index: int) -> None:
+    if cdm.config.in_channels != m.unet.config.context_dim:
+        raise CheckpointKindError(f"--cdm-ckpt models {cdm.config.in_channels}-wide contexts but the UNet of "
+                                  f"{m.path} cross-attends to {m.unet.config.context_dim}-wide ones")
+    if not 0 <= mag_index < cdm.config.mag_levels:
+        raise ValueError(f"--cdm-ckpt knows {cdm.config.mag_levels} magnifications; index {mag_index} is outside")
+
+
+# UNet autocast dtype per task on CUDA for precision "auto". Patch sets: bf16. Joint sampling: fp16, the
+# official choice: its finite differences (x̂0(x_t + h·e) − x̂0(x_t))/h with h = 0.005 need more mantissa than
+# bf16's 8 bits (a bf16 ε is off by ~0.4 %, i.e. ~0.8 of the difference it should resolve). SR: fp32, because the
+# condition inversion back-propagates without a gradient scaler. The VQ always runs in fp32 (`ZoomLDM.decode`).
+AUTO_DTYPE = {"patches": torch.bfloat16, "joint": torch.float16, "sr": None}
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def amp_dtype(device: torch.device | str, precision: str = "auto", task: str = "patches") -> torch.dtype | None:
+    """The UNet autocast dtype (None: float32). CPU always runs float32 (CPU autocast is slow)."""
+    if torch.device(device).type != "cuda":
+        return None
+    if precision == "auto":
+        return AUTO_DTYPE[task]
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
+    return PRECISIONS[precision]
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device | str, precision: str = "auto", task: str = "patches"):
+    """torch.autocast with `amp_dtype(device, precision, task)` (disabled for float32)."""
+    dtype = amp_dtype(device, precision, task)
+    with torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conditioning
+
+def standardize(grids: torch.Tensor) -> torch.Tensor:
+    """Per-token standardisation over channels (dim 1), as `regions.standardize_tokens` / the dataset."""
+    grids = grids.float()
+    mean = grids.mean(dim=1, keepdim=True)
+    std = grids.std(dim=1, keepdim=True, unbiased=True)
+    return (grids - mean) / (std + TOKEN_EPS)
+
+
+@torch.no_grad()
+def context_from_grids(summarizer: Summarizer, grids: torch.Tensor | np.ndarray, mag_index: int,
+                       batch: int = 256) -> torch.Tensor:
+    """Raw SSL grids (N, C, g, g) of one magnification -> standardised -> Summarizer -> (N, 65, D)."""
+    device = next(summarizer.parameters()).device
+    grids = torch.as_tensor(np.asarray(grids) if isinstance(grids, np.ndarray) else grids)
+    out = []
+    for i in range(0, len(grids), batch):
+        g = standardize(grids[i:i + batch].to(device))
+        mag = torch.full((len(g),), mag_index, dtype=torch.long, device=device)
+        out.append(summarizer(g, mag).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def context_from_store(summarizer: Summarizer, store, mag: str | int, indices: Sequence[int],
+                       batch: int = 256) -> torch.Tensor:
+    """Contexts (N, 65, D) of store regions `indices` (rows of magnification `mag`), standardised exactly as
+    in training (`RegionDataset`)."""
+    from zoomldm.data.dataset import RegionDataset
+    table = store.table(mag)
+    ds = RegionDataset(store, [table.magnification.name])
+    device = next(summarizer.parameters()).device
+    out = []
+    for i in range(0, len(indices), batch):
+        b = ds.__getitems__(list(indices[i:i + batch]))
+        g = b["grid_side"][0].item()  # one magnification: one side
+        out.append(summarizer(b["grid"][:, :, :g, :g].to(device), b["mag"].to(device)).float())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Guided denoisers
+
+def patch_eps_fn(m: ZoomLDM, context: torch.Tensor, scale: float = 1.75):
+    """eps_fn(x_t, t) with CFG in the standard form s (official CDM-FID PLMS sampler: s = 1.75)."""
+    return cfg_eps_fn(m.model_fn, context, None, scale)
+
+
+def joint_eps_fn(m: ZoomLDM, guide_ctx: torch.Tensor | None, patch_ctx: torch.Tensor,
+                 w: float = 2.0) -> JointEpsFn:
+    """eps_fn(x, t, which, index) for `joint_multiscale_sample`: which = "guide" (context `guide_ctx`, None for
+    a fixed guide image) or "patches" (rows `index` of `patch_ctx`); CFG (1 + w) ε_c − w ε_u inside (§5.2)."""
+    from zoomldm.diffusion.joint import cfg_joint_eps_fn
+    return cfg_joint_eps_fn(m.model_fn, guide_ctx, patch_ctx, w)
+
+
+@torch.no_grad()
+def sample_cdm_contexts(cdm: ConditionDiT, n: int, mag: int, seed: int, steps: int = 200,
+                        indices: Sequence[int] | None = None, batch_size: int = 64,
+                        progress: bool = False) -> torch.Tensor:
+    """n Summarizer-space contexts (n, 65, D) at magnification index `mag` from the CDM (official
+    `cdm_measure_fid.py`: DDIM over the x0-prediction, cosine schedule, ADM respacing, η = 0, no clipping).
+
+    Item k's starting noise is item `indices[k]` (default k) of stream (seed, "cdm"), so results depend on
+    neither the batch size nor the other items.
+    """
+    indices = list(range(n)) if indices is None else [int(i) for i in indices]
+    if len(indices) != n:
+        raise ValueError(f"sample_cdm_contexts: {len(indices)} indices for n={n}")
+    cfg = cdm.config
+    device = next(cdm.parameters()).device
+    schedule = Schedule.cosine()
+    out = []
+    for i in range(0, n, batch_size):
+        idx = indices[i:i + batch_size]
+        labels = torch.full((len(idx),), mag, dtype=torch.long, device=device)
+
+        def x0_fn(x, t, labels=labels):
+            return cdm(x, t, labels)[:, :cfg.in_channels].float()   # mean channels; variance is unused by DDIM
+
+        x_T = randn_items(stream_seed(seed, "cdm"), idx, (cfg.in_channels, cfg.num_tokens), device)  # (b, D, 65)
+        x0 = ddim_sample(eps_fn_from_x0_fn(x0_fn, schedule), x_T, schedule, steps, eta=0.0,
+                         progress=progress, spacing="adm")
+        out.append(x0.transpose(1, 2).contiguous())               # (b, 65, D): fed straight to the UNet
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def sample_patch_latents(m: ZoomLDM, context: torch.Tensor, indices: Sequence[int], seed: int,
+                         steps: int = 50, scale: float = 1.75, sampler: str = "plms") -> torch.Tensor:
+    """Latents (N, 3, h, h) of items `indices`: x_T from item i of stream `seed`, then PLMS (default) or
+    DDIM η = 0 with CFG s = `scale` (standard form). `m`: a ZoomLDM or any model with the same `unet`,
+    `model_fn`, `schedule` and `device` (the Graikos patch LDM)."""
+    c = m.unet.config
+    x_T = randn_items(seed, indices, (c.in_channels, c.image_size, c.image_size), m.device)
+    eps_fn = patch_eps_fn(m, context.to(m.device), scale)
+    if sampler == "plms":
+        return plms_sample(eps_fn, x_T, m.schedule, steps)
+    return ddim_sample(eps_fn, x_T, m.schedule, steps)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real conditioning from the store
+
+def pick_rows(n_rows: int, items: Sequence[int], seed: int, *tags: int | str) -> np.ndarray:
+    """Store rows for items: item i -> perm[i mod n_rows], perm a permutation seeded by (seed, tags). Item i's
+    row depends only on (seed, tags, i); every region is used once before any repeats."""
+    if n_rows < 1:
+        raise ValueError("pick_rows: the store table is empty")
+    perm = np.random.default_rng(item_seed(seed, 0, "rows", *tags)).permutation(n_rows)
+    return perm[np.asarray(items, dtype=np.int64) % n_rows]
+
+
+@dataclass
+class LargeRegion:
+    """A real region of the guide magnification and the raw SSL embeddings of the base tiles it covers."""
+    row: int                  # row in the guide magnification's table
+    slide: str
+    row0: int                 # top-left base tile of the region
+    col0: int
+    x: int                    # top-left in slide pixels
+    y: int
+    guide_grid: np.ndarray    # (C, gs, gs) raw pooled grid of the region
+    base_grids: np.ndarray    # (g*g, C, 1, 1) raw base-tile embeddings, row-major over the region
+    from_tiles: int           # how many of them came from the part's tiles.npy (tile not kept as a 20x region)
+    image: np.ndarray | None  # (P, P, 3) uint8 region image, when the store keeps images
+
+    def source(self) -> dict:
+        return {"slide": self.slide, "row0": self.row0, "col0": self.col0, "x": self.x, "y": self.y,
+                "store_row": self.row, "base_from_tiles": self.from_tiles}
+
+
+class RegionLookup:
+    """Regions of one guide magnification with their base-tile embeddings.
+
+    A base tile's 1 x 1 conditioning is the store's base-magnification grid of that tile, found through the
+    base manifest (slide, row0, col0). Tiles not kept as base regions (their own mask fraction was below the
+    threshold although the larger region's was not) are read from the tile embeddings saved in the slide's
+    part, `<store_root>/<name>.parts/<slide>/tiles.npy` ((rows, cols, C) float16, every tile of a kept region
+    embedded): the same numbers, since a base region's grid is its tile's embedding.
+    """
+
+    def __init__(self, store, guide_mag, parts_root: Path | None = None):
+        from zoomldm import mags
+        self.store = store
+        self.guide = store.table(guide_mag)
+        self.base = store.table(mags.ladder(store.ladder)[0].name)
+        self.g = self.guide.magnification.tiles_per_side
+        self.parts_root = Path(parts_root) if parts_root else store.root.with_name(store.root.name + ".parts")
+        m = self.base.manifest
+        self._base_rows = {(s, int(r), int(c)): i for i, (s, r, c) in
+                           enumerate(zip(m["slide"], m["row0"], m["col0"]))}
+        self._tiles: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.guide)
+
+    def _tile(self, slide: str, r: int, c: int) -> np.ndarray:
+        if slide not in self._tiles:
+            path = self.parts_root / slide / "tiles.npy"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing; base tile ({r}, {c}) of slide {slide} is not a base "
+                                        f"region of the store, so its embedding must come from the part")
+            self._tiles[slide] = np.load(path, mmap_mode="r")
+        tile = np.asarray(self._tiles[slide][r, c], dtype=np.float32)
+        if not np.any(tile):
+            raise ValueError(f"{self.parts_root / slide / 'tiles.npy'}: tile ({r}, {c}) was never embedded")
+        return tile
+
+    def region(self, row: int) -> LargeRegion:
+        rec = self.guide.manifest.iloc[int(row)]
+        slide, r0, c0 = str(rec["slide"]), int(rec["row0"]), int(rec["col0"])
+        base, from_tiles = [], 0
+        for r in range(r0, r0 + self.g):
+            for c in range(c0, c0 + self.g):
+                i = self._base_rows.get((slide, r, c))
+                if i is None:
+                    base.append(self._tile(slide, r, c))
+                    from_tiles += 1
+                else:
+                    base.append(np.asarray(self.base.get("grids", i), dtype=np.float32).reshape(-1))
+        image = np.asarray(self.guide.get("images", int(row))) if self.guide.has("images") else None
+        return LargeRegion(int(row), slide, r0, c0, int(rec["x"]), int(rec["y"]),
+                           np.asarray(self.guide.get("grids", int(row)), dtype=np.float32),
+                           np.stack(base)[:, :, None, None], from_tiles, image)
