@@ -72,7 +72,7 @@ def test_dataset_stage_runs_end_to_end(tmp_path):
     cfg_data = yaml.safe_load(cfg.read_text())
     cfg_data["demo_data"] = None
     cfg.write_text(yaml.safe_dump(cfg_data))
-    res = _run(["--cores", "2", "--configfile", str(cfg)], cwd=tmp_path, timeout=900)
+    res = _run(["dataset", "--cores", "2", "--configfile", str(cfg)], cwd=tmp_path, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     table = (tmp_path / "results/tables/dataset.csv").read_text().splitlines()
     assert table[0].startswith("slide,status,20x,10x,5x")
