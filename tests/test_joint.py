@@ -18,13 +18,7 @@ from zoomldm.diffusion.joint import (
 from zoomldm.diffusion.resize import bicubic_resize, downscale, upscale
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread start-up dominates on the shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------------ resize

@@ -30,12 +30,7 @@ P, C, ROWS, COLS = 16, 6, 4, 8          # patch px, embedding dim, base-tile gri
 MISSING = {(1, 1), (3, 2)}             # base tiles kept by no 20x region (their embedding comes from tiles.npy)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _perturb(*modules):

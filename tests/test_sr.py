@@ -27,12 +27,7 @@ P = 32      # LR / HR patch side in px -> 8 x 8 latents
 SCHED = Schedule.scaled_linear()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
