@@ -82,3 +82,33 @@ def test_dataset_stage_runs_end_to_end(tmp_path):
     assert (tmp_path / "results/figures/dataset_montage.png").stat().st_size > 1000
     img = np.asarray(Image.open(tmp_path / "results/figures/dataset_montage.png"))
     assert img.std() > 5                                       # not a blank figure
+
+
+def test_released_weights_replace_training_in_the_plan(tmp_path):
+    """models.zoomldm_release / cdm_release: no ZoomLDM, CDM or autoencoder training job; the converted release
+    is what the sampling jobs read (issue #7)."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "S0.svs").touch()
+    rel = tmp_path / "release" / "brca"
+    rel.mkdir(parents=True)
+    for name in ("weights.ckpt", "config.yaml", "cdm.pt"):
+        (rel / name).touch()
+    cfg = yaml.safe_load((ROOT / "workflow/configs/brca.yaml").read_text())
+    cfg["dataset"]["inputs"] = f"{slides}/*.svs"
+    cfg["models"].update(vq_checkpoint=None, zoomldm_release=str(rel / "weights.ckpt"),
+                         zoomldm_release_config=str(rel / "config.yaml"), cdm_release=str(rel / "cdm.pt"))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = _run(["-n", "-p", "--configfile", str(path)], cwd=tmp_path)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    jobs = {l.split()[0]: int(l.split()[1]) for l in out.splitlines()
+            if len(l.split()) == 2 and l.split()[1].isdigit()}
+    assert jobs["convert_release"] == 1 and jobs["convert_cdm_release"] == 1
+    assert not {"train_ldm", "train_cdm", "train_autoencoder"} & set(jobs)
+    assert jobs["train_graikos"] == 1 and jobs["sample_large"] > 0           # baselines still train
+    release = "resources/runs/brca/release/zoomldm.safetensors"
+    assert f"train ldm" not in out and f"--ckpt {release}" in out              # sampling reads the release
+    assert f"--vq {release}" in out                                           # ... and so does encode_latents
+    assert "--cdm-ckpt resources/runs/brca/release/cdm.safetensors" in out or "cdm" not in cfg["sample"]["patches"]["cond"]

@@ -61,11 +61,24 @@ def launcher(wildcards, resources):
 
 STORE = f"{CFG.dataset.store_root}/{CFG.dataset.name}"
 RUNS = f"resources/runs/{CFG.dataset.name}"
-VQ_CHECKPOINT = CFG.models.vq_checkpoint or f"{RUNS}/autoencoder/final.safetensors"
+# Released weights instead of training (models.zoomldm_release / cdm_release): the converted official release
+# is the ZoomLDM (and its VQ-f4 encodes the store unless models.vq_checkpoint says otherwise) or the CDM that
+# sampling and evaluation use; the matching training jobs are not in the DAG.
+RELEASE = f"resources/runs/{CFG.dataset.name}/release"
+USE_RELEASE = CFG.models.zoomldm_release is not None
+USE_CDM_RELEASE = CFG.models.cdm_release is not None
+LDM_CKPT = f"{RELEASE}/zoomldm.safetensors" if USE_RELEASE else f"{RUNS}/ldm/model.safetensors"
+CDM_CKPT = f"{RELEASE}/cdm.safetensors" if USE_CDM_RELEASE else f"{RUNS}/cdm/final.safetensors"
+VQ_CHECKPOINT = CFG.models.vq_checkpoint or (
+    LDM_CKPT if USE_RELEASE else f"{RUNS}/autoencoder/final.safetensors"
+)
+TRAIN_AUTOENCODER = not (CFG.models.vq_checkpoint or USE_RELEASE)
 _SINGLE = CFG.train.single_scale.magnifications or [CFG.dataset.magnification_list()[0].name]
 TRAIN_RUNS = (
-    ([] if CFG.models.vq_checkpoint else [f"{RUNS}/autoencoder/final.safetensors"])
-    + [f"{RUNS}/ldm/model.safetensors", f"{RUNS}/graikos/model.safetensors", f"{RUNS}/cdm/final.safetensors"]
+    ([f"{RUNS}/autoencoder/final.safetensors"] if TRAIN_AUTOENCODER else [])
+    + ([] if USE_RELEASE else [f"{RUNS}/ldm/model.safetensors"])
+    + [f"{RUNS}/graikos/model.safetensors"]
+    + ([] if USE_CDM_RELEASE else [f"{RUNS}/cdm/final.safetensors"])
     + [f"{RUNS}/single_scale/{m}/model.safetensors" for m in _SINGLE]
 )
 PARTS = f"{CFG.dataset.store_root}/{CFG.dataset.name}.parts"

@@ -8,8 +8,8 @@ from zoomldm import mags as _mags
 
 SAMPLES = f"resources/samples/{CFG.dataset.name}"
 _S = CFG.sample
-_LDM = f"{RUNS}/ldm/model.safetensors"
-_CDM = f"{RUNS}/cdm/final.safetensors"
+_LDM = LDM_CKPT
+_CDM = CDM_CKPT
 _GRAIKOS = f"{RUNS}/graikos/model.safetensors"
 _DATA_MAGS = [m.name for m in CFG.dataset.magnification_list()]
 _PATCH_MAGS = _S.patches.magnifications or _DATA_MAGS

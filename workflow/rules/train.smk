@@ -1,8 +1,9 @@
 # Training stage: VQ autoencoder (unless models.vq_checkpoint is given) -> latents in the store -> ZoomLDM,
 # single-scale models, the Graikos baseline, the CDM. Rerunning a job resumes from its run folder.
+# With models.zoomldm_release / cdm_release the released weights are converted instead (release.smk).
 
 
-if not CFG.models.vq_checkpoint:
+if TRAIN_AUTOENCODER:
 
     rule train_autoencoder:
         input:
@@ -52,29 +53,31 @@ rule encode_latents:
         "{params.cli} data encode-latents --config {input.config} --vq {input.vq} --no-progress > {log} 2>&1"
 
 
-rule train_ldm:
-    input:
-        latents=f"{STORE}/latents.json",
-        config=ancient(CONFIG),
-    output:
-        f"{RUNS}/ldm/model.safetensors",
-    log:
-        "logs/train/ldm.log",
-    benchmark:
-        "logs/train/ldm.bench.tsv"
-    threads: 2
-    resources:
-        gpu=1,
-        mem_mb=32000,
-        runtime=2880,
-    conda:
-        ENV
-    params:
-        cli=launcher,
-        cfg=section("train.ldm"),
-        out=lambda wc, output: os.path.dirname(output[0]),
-    shell:
-        "{params.cli} train ldm --config {input.config} --out {params.out} --no-progress > {log} 2>&1"
+if not USE_RELEASE:
+
+    rule train_ldm:
+        input:
+            latents=f"{STORE}/latents.json",
+            config=ancient(CONFIG),
+        output:
+            f"{RUNS}/ldm/model.safetensors",
+        log:
+            "logs/train/ldm.log",
+        benchmark:
+            "logs/train/ldm.bench.tsv"
+        threads: 2
+        resources:
+            gpu=1,
+            mem_mb=32000,
+            runtime=2880,
+        conda:
+            ENV
+        params:
+            cli=launcher,
+            cfg=section("train.ldm"),
+            out=lambda wc, output: os.path.dirname(output[0]),
+        shell:
+            "{params.cli} train ldm --config {input.config} --out {params.out} --no-progress > {log} 2>&1"
 
 
 rule train_single_scale:
@@ -124,28 +127,30 @@ rule train_graikos:
         "{params.cli} train graikos --config {input.config} --out {params.out} --no-progress > {log} 2>&1"
 
 
-rule train_cdm:
-    input:
-        ldm=f"{RUNS}/ldm/model.safetensors",
-        config=ancient(CONFIG),
-    output:
-        f"{RUNS}/cdm/final.safetensors",
-    log:
-        "logs/train/cdm.log",
-    threads: 2
-    resources:
-        gpu=1,
-        mem_mb=16000,
-        runtime=1440,
-    conda:
-        ENV
-    params:
-        cli=launcher,
-        cfg=section("train.cdm"),
-        out=lambda wc, output: os.path.dirname(output[0]),
-    shell:
-        "{params.cli} train cdm --config {input.config} --ldm-ckpt {input.ldm} --out {params.out} "
-        "--no-progress > {log} 2>&1"
+if not USE_CDM_RELEASE:
+
+    rule train_cdm:
+        input:
+            ldm=LDM_CKPT,
+            config=ancient(CONFIG),
+        output:
+            f"{RUNS}/cdm/final.safetensors",
+        log:
+            "logs/train/cdm.log",
+        threads: 2
+        resources:
+            gpu=1,
+            mem_mb=16000,
+            runtime=1440,
+        conda:
+            ENV
+        params:
+            cli=launcher,
+            cfg=section("train.cdm"),
+            out=lambda wc, output: os.path.dirname(output[0]),
+        shell:
+            "{params.cli} train cdm --config {input.config} --ldm-ckpt {input.ldm} --out {params.out} "
+            "--no-progress > {log} 2>&1"
 
 
 rule training_table:
