@@ -347,7 +347,7 @@ def sr_inputs(grid, n, out, config_path, store_path, seed, device, precision, pr
     tiles), OUT/hr/<k>.png (its base tiles assembled) and OUT/<k>.json (source; hr_complete is false when some
     base tiles are not in the store and are black in HR). Complete regions are used first."""
     from zoomldm.sampling.io import item_done, write_json, write_png
-    from zoomldm.sampling.large import sr_pairs
+    from zoomldm.data.pairs import sr_pairs
     cfg = _config(config_path)
     grid, n, seed = _pick(grid, cfg.sample.sr.grid), _pick(n, cfg.sample.sr.n), _pick(seed, cfg.sample.seed)
     store = _store(cfg, config_path, store_path)
@@ -422,3 +422,5 @@ def sr(ckpt, lr_paths, grid, vq_path, inversion_steps, inner_steps, constraint, 
 
 
 __all__ = ["sample", "guide_magnification"]
+from zoomldm.cli.sample_sr_baselines import sr_baseline as _sr_baseline  # noqa: E402
+sample.add_command(_sr_baseline)

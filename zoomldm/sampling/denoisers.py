@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from zoomldm.data.regions import TOKEN_EPS
+from zoomldm.data.pairs import pick_rows  # re-exported: dn.pick_rows
 from zoomldm.diffusion import (Schedule, cfg_eps_fn, ddim_sample, eps_fn_from_x0_fn, item_seed, plms_sample,
                                randn_items)
 from zoomldm.models.cdm import ConditionDiT
@@ -290,15 +291,6 @@ def sample_patch_latents(m: ZoomLDM, context: torch.Tensor, indices: Sequence[in
 
 # ---------------------------------------------------------------------------------------------------------
 # Real conditioning from the store
-
-def pick_rows(n_rows: int, items: Sequence[int], seed: int, *tags: int | str) -> np.ndarray:
-    """Store rows for items: item i -> perm[i mod n_rows], perm a permutation seeded by (seed, tags). Item i's
-    row depends only on (seed, tags, i); every region is used once before any repeats."""
-    if n_rows < 1:
-        raise ValueError("pick_rows: the store table is empty")
-    perm = np.random.default_rng(item_seed(seed, 0, "rows", *tags)).permutation(n_rows)
-    return perm[np.asarray(items, dtype=np.int64) % n_rows]
-
 
 @dataclass
 class LargeRegion:
