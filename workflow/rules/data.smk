@@ -64,6 +64,7 @@ rule build_store:
 rule dataset_summary:
     input:
         store=f"{STORE}/store.json",
+        refs=os.path.join(workflow.basedir, "workflow/references/dataset.csv"),
         config=ancient(CONFIG),
     output:
         csv="results/tables/dataset.csv",
@@ -84,7 +85,7 @@ rule dataset_summary:
         table=lambda wc, output: os.path.splitext(output.csv)[0],
     shell:
         "{params.cli} data summary --config {input.config} --table {params.table} "
-        "--montage {output.montage} > {log} 2>&1"
+        "--montage {output.montage} --references {input.refs} > {log} 2>&1"
 
 
 rule dataset:

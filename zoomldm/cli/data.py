@@ -118,7 +118,9 @@ def build_store_cmd(config_path: str, parts_root: str | None, out: str | None) -
 @click.option("--table", "table_stem", default="results/tables/dataset", show_default=True,
               help="Writes TABLE.csv, TABLE.md and TABLE.tex.")
 @click.option("--montage", "montage_path", default="results/figures/dataset_montage.png", show_default=True)
-def summary(config_path: str, table_stem: str, montage_path: str) -> None:
+@click.option("--references", "references", type=click.Path(dir_okay=False), default=None,
+              help="workflow/references/dataset.csv: adds the paper's training-patch counts as a row.")
+def summary(config_path: str, table_stem: str, montage_path: str, references: str | None) -> None:
     """Write the dataset table (samples per magnification, per slide) and the montage figure."""
     from zoomldm.data.store import RegionStore, part_done
     from zoomldm.data.summary import dataset_table, montage, write_dataset_table
@@ -126,7 +128,8 @@ def summary(config_path: str, table_stem: str, montage_path: str) -> None:
     cfg = load_config(config_path)
     store = RegionStore(store_dir(cfg))
     parts = [p for p in parts_dir(cfg).glob("*") if p.is_dir() and part_done(p)]
-    write_dataset_table(dataset_table(store, parts), store, Path(table_stem))
+    write_dataset_table(dataset_table(store, parts), store, Path(table_stem),
+                        references=Path(references) if references else None)
     montage(store, Path(montage_path), seed=cfg.dataset.seed)
 
 

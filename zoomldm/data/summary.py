@@ -26,14 +26,47 @@ def dataset_table(store: RegionStore, parts: list[Path]) -> pd.DataFrame:
     return df
 
 
-def write_dataset_table(df: pd.DataFrame, store: RegionStore, out_stem: Path) -> None:
+PAPER_ROW = "paper: training patches"
+
+
+def with_paper_row(df: pd.DataFrame, ladder: str, references: Path) -> tuple[pd.DataFrame, str]:
+    """`df` plus a row of the paper's training patches per magnification (ZoomLDM Table 1, TCGA-BRCA), read
+    from `references` (workflow/references/dataset.csv: ladder, magnification, training_patches, source), and
+    a note. Cells: the count, "n/r" (no recovered counts for the ladder) or "n/a" (not in the paper)."""
+    references = Path(references)
+    if not references.is_file():
+        raise FileNotFoundError(f"{references}: reference file not found")
+    ref = pd.read_csv(references, dtype=str, keep_default_na=False)
+    missing = [c for c in ("ladder", "magnification", "training_patches", "source") if c not in ref.columns]
+    if missing:
+        raise ValueError(f"{references}: missing column(s) {', '.join(missing)}")
+    ref = ref[ref["ladder"] == ladder]
+    counts = dict(zip(ref["magnification"], ref["training_patches"]))
+    mags = [c for c in df.columns if c not in ("slide", "status", "reason")]
+    row = {"slide": PAPER_ROW, "status": "paper",
+           "reason": "; ".join(sorted(set(ref.loc[ref["magnification"].isin(mags), "source"])))
+           or f"paper counts for the {ladder} ladder not recovered"}
+    for m in mags:
+        row[m] = int(float(counts[m])) if m in counts else ("n/r" if ref.empty else "n/a")
+    out = pd.concat([df.astype({m: object for m in mags}), pd.DataFrame([row])], ignore_index=True)
+    note = (f"Row '{PAPER_ROW}': the paper's training patches per magnification (ZoomLDM Table 1, TCGA-BRCA, "
+            "256-px patches), beside this run's counts; n/r: not recovered, n/a: not in the paper.")
+    return out, note
+
+
+def write_dataset_table(df: pd.DataFrame, store: RegionStore, out_stem: Path,
+                        references: Path | None = None) -> None:
+    """Write <out_stem>.{csv,md,tex}; with `references`, add the paper's training-patch counts as a row."""
     out_stem = Path(out_stem)
+    paper_note = ""
+    if references is not None:
+        df, paper_note = with_paper_row(df, store.ladder, references)
     out_stem.parent.mkdir(parents=True, exist_ok=True)
     enc = store.info["encoder"]
     label = f"{enc['name']} ({'offline stand-in, not the paper encoder' if enc.get('is_standin') else 'paper encoder'})"
     df.to_csv(out_stem.with_suffix(".csv"), index=False)
     note = (f"Samples per magnification and slide. Ladder: {store.ladder}; patch {store.patch_px} px; "
-            f"conditioning encoder: {label}, {enc['dim']}-d.")
+            f"conditioning encoder: {label}, {enc['dim']}-d.") + (f" {paper_note}" if paper_note else "")
     md = _markdown(df)
     out_stem.with_suffix(".md").write_text(f"{note}\n\n{md}\n")
     tex = df.to_latex(index=False, escape=True, caption=note, label="tab:dataset")
