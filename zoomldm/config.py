@@ -140,7 +140,7 @@ class ControlNetTrainConfig(LDMTrainConfig):
     """SR baseline: a trainable copy of ZoomLDM's UNet encoder fed the LR image through zero-initialised
     convolutions, ZoomLDM frozen (ControlNet, Zhang et al. 2023)."""
     lr: float = 1e-5
-    p_uncond: float = 0.0
+    p_uncond: float = 0.5                    # test time uses the null context; ControlNet's own prompt-drop rate
     grid: int = 4
 
 

@@ -1,6 +1,8 @@
 """`zoomldm train <what>`: every trainer is a Task run by the one training loop; rerunning resumes.
 
     zoomldm train ldm --config CFG --out DIR [--max-steps N]
+    zoomldm train ldm-sr --config CFG --out DIR                     # SR baseline (LDM-SR, concatenated LR)
+    zoomldm train controlnet --config CFG --zoomldm LDM.safetensors --out DIR     # SR baseline (ControlNet)
     torchrun --nproc_per_node 4 -m zoomldm train ldm --config CFG --out DIR     # DDP; same global batch
 """
 from __future__ import annotations
@@ -150,6 +152,42 @@ def cdm(config_path, out, max_steps, device, progress, ldm_ckpt) -> None:
     summarizer = load_component(ckpt, "summarizer")
     task = _seeded(lambda: CDMTask(store_dir(cfg), cfg.train.cdm, summarizer), cfg.train.cdm.seed)
     _run(task, cfg.train.cdm, out, max_steps, device, progress)
+
+
+@train.command("ldm-sr")
+@_common
+def ldm_sr(config_path, out, max_steps, device, progress) -> None:
+    """SR baseline: an LDM on base patches conditioned on the LR tile by concatenation (train.ldm_sr)."""
+    from zoomldm.training.sr_tasks import LDMSRTask
+    if load_config(config_path).train.ldm_sr.init_unet:
+        raise ValueError("train.ldm_sr.init_unet must be null: the 6-channel LDM-SR UNet is trained from scratch")
+    _train_diffusion(config_path, out, max_steps, device, progress, "ldm_sr",
+                     lambda cfg, store, tcfg: LDMSRTask(store, tcfg))
+
+
+@train.command()
+@_common
+@click.option("--zoomldm", "zoomldm_ckpt", required=True, type=click.Path(dir_okay=False),
+              help="The ZoomLDM model.safetensors to control (frozen; its EMA UNet when present).")
+def controlnet(config_path, out, max_steps, device, progress, zoomldm_ckpt) -> None:
+    """SR baseline: a ControlNet (trainable copy of ZoomLDM's encoder fed the LR tile) on frozen ZoomLDM."""
+    import shutil
+
+    from zoomldm.data.store import RegionStore
+    from zoomldm.sampling.denoisers import load_zoomldm
+    from zoomldm.training.sr_tasks import ControlNetTask
+    cfg = load_config(config_path)
+    tcfg = cfg.train.controlnet
+    if tcfg.init_unet:
+        raise ValueError("train.controlnet.init_unet must be null: the ControlNet starts as a copy of --zoomldm")
+    m = load_zoomldm(zoomldm_ckpt, "cpu")
+    store = RegionStore(store_dir(cfg))
+    task = _seeded(lambda: ControlNetTask(store, tcfg, m.unet, m.summarizer), tcfg.seed)
+    _run(task, tcfg, out, max_steps, device, progress)
+    final = Path(out) / "final.safetensors"
+    if final.is_file():                 # the ControlNet alone; `sample sr-baseline` takes the ZoomLDM beside it
+        shutil.copyfile(final, Path(out) / "model.safetensors.tmp")
+        (Path(out) / "model.safetensors.tmp").replace(Path(out) / "model.safetensors")
 
 
 def _init_unet(task, path: str | None) -> None:
