@@ -224,6 +224,10 @@ def test_dry_run_with_the_profile_plans_the_whole_dag(tmp_path, base, ext):
     vq = tmp_path / cfg["models"]["vq_checkpoint"]                    # the converted CompVis vq-f4 weights
     vq.parent.mkdir(parents=True)
     vq.touch()
+    if cfg["eval"]["mil"].get("labels"):                              # the MIL labels (`zoomldm fetch labels`)
+        labels = tmp_path / cfg["eval"]["mil"]["labels"]
+        labels.parent.mkdir(parents=True, exist_ok=True)
+        labels.write_text("slide,label\n")
     common = ["--snakefile", str(ROOT / "Snakefile"), "--profile", str(PROFILE),
               "--configfile", "config.yaml"]
     res = _snakemake(["-n", *common], cwd=tmp_path)
@@ -237,6 +241,9 @@ def test_dry_run_with_the_profile_plans_the_whole_dag(tmp_path, base, ext):
     assert sum(r == "extract_slide" for r, _ in jobs) == 3
     assert sum(r == "train_single_scale" for r, _ in jobs) == n_mags
     assert {"build_store", "encode_latents", "train_ldm", "train_cdm", "all"} <= planned
+    assert {"fid_ref", "eval_fid", "eval_large", "eval_sr", "train_ldm_sr", "train_controlnet", "report_tables",
+            "report_figures"} <= planned                              # evaluation and report are planned too
+    assert ("eval_mil" in planned) == bool(cfg["eval"]["mil"]["features"])
     # Every GPU rule carries its GPU request; the profile's entries carry its CPU, time and memory too.
     profile = yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"]
     gpu_rules = {r for r, res in profile.items() if res.get("gpu") and not r.startswith("_")}

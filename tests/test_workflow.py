@@ -98,6 +98,8 @@ def test_released_weights_replace_training_in_the_plan(tmp_path):
     cfg["dataset"]["inputs"] = f"{slides}/*.svs"
     cfg["models"].update(vq_checkpoint=None, zoomldm_release=str(rel / "weights.ckpt"),
                          zoomldm_release_config=str(rel / "config.yaml"), cdm_release=str(rel / "cdm.pt"))
+    cfg["eval"]["mil"]["labels"] = str(rel / "labels.csv")
+    (rel / "labels.csv").write_text("slide,label\n")
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     res = _run(["-n", "-p", "--configfile", str(path)], cwd=tmp_path)
@@ -109,6 +111,7 @@ def test_released_weights_replace_training_in_the_plan(tmp_path):
     assert not {"train_ldm", "train_cdm", "train_autoencoder"} & set(jobs)
     assert jobs["train_graikos"] == 1 and jobs["sample_large"] > 0           # baselines still train
     release = "resources/runs/brca/release/zoomldm.safetensors"
-    assert f"train ldm" not in out and f"--ckpt {release}" in out              # sampling reads the release
+    assert jobs["train_controlnet"] == 1 and f"--zoomldm {release}" in out   # ... on the released ZoomLDM
+    assert "train ldm --config" not in out and f"--ckpt {release}" in out     # sampling reads the release
     assert f"--vq {release}" in out                                           # ... and so does encode_latents
     assert "--cdm-ckpt resources/runs/brca/release/cdm.safetensors" in out or "cdm" not in cfg["sample"]["patches"]["cond"]

@@ -80,6 +80,7 @@ TRAIN_RUNS = (
     + [f"{RUNS}/graikos/model.safetensors"]
     + ([] if USE_CDM_RELEASE else [f"{RUNS}/cdm/final.safetensors"])
     + [f"{RUNS}/single_scale/{m}/model.safetensors" for m in _SINGLE]
+    + [f"{RUNS}/ldm_sr/model.safetensors", f"{RUNS}/controlnet/model.safetensors"]
 )
 PARTS = f"{CFG.dataset.store_root}/{CFG.dataset.name}.parts"
 
@@ -103,3 +104,23 @@ if len(SLIDES) != len(_inputs):
 
 wildcard_constraints:
     slide="[^/]+",
+
+
+# Input functions of the evaluation rules (eval.smk); they read names that sample.smk and eval.smk define.
+def large_eval_inputs(wc):
+    """eval_large: the images' JSONs, the Crop-FID reference when shared with FID, and (for the variants
+    after the first) the first job's output, so one job fills the whole-image reference cache."""
+    g = int(wc.grid)
+    files = [f"{SAMPLES}/large/{wc.variant}/grid{g}/{i}.json" for i in range(N_LARGE[g])]
+    if _E.large.crop_extractor == _E.fid.extractor:          # Crop-FID reuses the base magnification's stats
+        files.append(f"{FID_STATS}/patch-{_slug(_DATA_MAGS[0])}-{_E.fid.extractor}.npz")
+    if wc.variant != "zoomldm":                               # the first job fills the whole-image cache
+        files.append(f"{METRICS}/large_images/zoomldm_grid{g}.json")
+    return files
+
+
+def mil_feature_files(wc):
+    """eval_mil: the feature files of a set (one magnification, or several joined by '_' = fused)."""
+    by_slug = {m.replace(".", "_"): m for m in _MIL_MAGS}
+    mags = [by_slug[wc.set]] if wc.set in by_slug else list(_MIL_MAGS)
+    return [f"{_MIL_FEATS}/{wc.features}_{m}.npz" for m in mags]

@@ -42,7 +42,9 @@ N_LARGE = {g: _S.large.n_by_grid.get(str(g), _S.large.n) for g in _S.large.grids
 LARGE_IMAGES = [f"{SAMPLES}/large/{v}/grid{g}/{i}.json" for v in _VARIANTS for g in _S.large.grids
                 for i in range(N_LARGE[g])]
 CONSISTENCY = "results/metrics/large_images/consistency.json"
-SR_OUTPUTS = [f"{SAMPLES}/sr/zoomldm/{k}.json" for k in range(_S.sr.n)]
+# SR: ZoomLDM with and without the LR constraint (same seeds and inverted condition), and the baselines.
+SR_METHODS = ["bicubic", "ldm_sr", "controlnet", "zoomldm", "zoomldm_unconstrained"]
+SR_OUTPUTS = [f"{SAMPLES}/sr/{m}/{k}.json" for m in SR_METHODS for k in range(_S.sr.n)]
 
 
 # The checkpoint of a patch set, and the CDM a job needs (--cond cdm only).
@@ -237,12 +239,14 @@ rule sample_sr:
         lr=f"{SAMPLES}/sr/inputs/lr/{{i}}.png",
         config=ancient(CONFIG),
     output:
-        image=f"{SAMPLES}/sr/zoomldm/{{i}}.png",
-        json=f"{SAMPLES}/sr/zoomldm/{{i}}.json",
+        image=f"{SAMPLES}/sr/{{variant}}/{{i}}.png",
+        json=f"{SAMPLES}/sr/{{variant}}/{{i}}.json",
+    wildcard_constraints:
+        variant="zoomldm|zoomldm_unconstrained",
     log:
-        "logs/sample/sr/{i}.log",
+        "logs/sample/sr/{variant}_{i}.log",
     benchmark:
-        "logs/sample/sr/{i}.bench.tsv"
+        "logs/sample/sr/{variant}_{i}.bench.tsv"
     threads: 2
     resources:
         gpu=1,
@@ -253,10 +257,46 @@ rule sample_sr:
     params:
         cli=ZOOMLDM,
         cfg=section("sample.seed", "sample.sr", "sample.large"),
+        flag=lambda wc: "--no-constraint" if wc.variant.endswith("unconstrained") else "--constraint",
         out=lambda wc, output: os.path.dirname(output.image),
     shell:
-        "{params.cli} sample sr --config {input.config} --ckpt {input.ckpt} --lr {input.lr} --out {params.out} "
-        "--no-progress > {log} 2>&1"
+        "{params.cli} sample sr --config {input.config} --ckpt {input.ckpt} --lr {input.lr} {params.flag} "
+        "--out {params.out} --no-progress > {log} 2>&1"
+
+
+_SR_CKPT = {"ldm_sr": [f"{RUNS}/ldm_sr/model.safetensors"], "controlnet": [f"{RUNS}/controlnet/model.safetensors"]}
+
+
+rule sample_sr_baseline:
+    input:
+        ckpt=lambda wc: _SR_CKPT.get(wc.method, []),
+        zoomldm=lambda wc: [_LDM] if wc.method == "controlnet" else [],
+        lr=f"{SAMPLES}/sr/inputs/lr/{{i}}.png",
+        config=ancient(CONFIG),
+    output:
+        image=f"{SAMPLES}/sr/{{method}}/{{i}}.png",
+        json=f"{SAMPLES}/sr/{{method}}/{{i}}.json",
+    wildcard_constraints:
+        method="bicubic|ldm_sr|controlnet",
+    log:
+        "logs/sample/sr/{method}_{i}.log",
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=120,
+    conda:
+        ENV
+    params:
+        cli=ZOOMLDM,
+        cfg=section("sample.seed", "sample.sr"),
+        models=lambda wc, input: " ".join(
+            ([f"--ckpt {input.ckpt[0]}"] if input.ckpt else []) + ([f"--zoomldm {input.zoomldm[0]}"] if input.zoomldm else [])
+        ),
+        out=lambda wc, output: os.path.dirname(output.image),
+    shell:
+        "{params.cli} sample sr-baseline --config {input.config} --method {wildcards.method} {params.models} "
+        "--lr {input.lr} --out {params.out} --no-progress > {log} 2>&1"
 
 
 rule sampling:

@@ -153,6 +153,60 @@ if not USE_CDM_RELEASE:
             "--no-progress > {log} 2>&1"
 
 
+# SR baselines (evaluation table "super_resolution"): LDM-SR trained on the store, and a ControlNet on the
+# frozen ZoomLDM (the released one when models.zoomldm_release is set).
+rule train_ldm_sr:
+    input:
+        latents=f"{STORE}/latents.json",
+        config=ancient(CONFIG),
+    output:
+        f"{RUNS}/ldm_sr/model.safetensors",
+    log:
+        "logs/train/ldm_sr.log",
+    benchmark:
+        "logs/train/ldm_sr.bench.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=32000,
+        runtime=1440,
+    conda:
+        ENV
+    params:
+        cli=launcher,
+        cfg=section("train.ldm_sr"),
+        out=lambda wc, output: os.path.dirname(output[0]),
+    shell:
+        "{params.cli} train ldm-sr --config {input.config} --out {params.out} --no-progress > {log} 2>&1"
+
+
+rule train_controlnet:
+    input:
+        latents=f"{STORE}/latents.json",
+        zoomldm=LDM_CKPT,
+        config=ancient(CONFIG),
+    output:
+        f"{RUNS}/controlnet/model.safetensors",
+    log:
+        "logs/train/controlnet.log",
+    benchmark:
+        "logs/train/controlnet.bench.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=32000,
+        runtime=1440,
+    conda:
+        ENV
+    params:
+        cli=launcher,
+        cfg=section("train.controlnet"),
+        out=lambda wc, output: os.path.dirname(output[0]),
+    shell:
+        "{params.cli} train controlnet --config {input.config} --zoomldm {input.zoomldm} --out {params.out} "
+        "--no-progress > {log} 2>&1"
+
+
 rule training_table:
     input:
         TRAIN_RUNS,

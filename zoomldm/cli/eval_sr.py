@@ -63,9 +63,10 @@ def evaluate_sr(pairs: str | Path, outputs: str | Path, method: str, lpips_weigh
         for name, v in row.items():
             if name != "k" and v is not None and not math.isfinite(v):
                 raise ValueError(f"{out_path}: {name} is {v} against {hr_path} (an identical or corrupt image?)")
-        seconds = outputs / f"{k}.json"
-        if seconds.is_file():
-            row["seconds"] = json.loads(seconds.read_text()).get("seconds")
+        meta_out = outputs / f"{k}.json"
+        if meta_out.is_file():                  # the sampler's own record: time and consistency with the LR input
+            rec = json.loads(meta_out.read_text())
+            row.update({name: rec.get(name) for name in ("seconds", "lr_psnr", "lr_consistency_mae")})
         rows.append(row)
     if not rows:
         raise ValueError(f"--pairs {pairs}: every pair has hr_complete false ({len(skipped)} skipped); "
@@ -77,7 +78,8 @@ def evaluate_sr(pairs: str | Path, outputs: str | Path, method: str, lpips_weigh
     return {"method": method, "n": len(rows), "n_skipped_incomplete": len(skipped), "skipped": skipped,
             "ssim": mean("ssim"), "psnr": mean("psnr"), "lpips": mean("lpips") if lpips_ok else None,
             "lpips_note": lpips_note, "lpips_net": "alex v0.1", "convention": CONVENTION,
-            "seconds_per_image": mean("seconds"), "pairs": str(pairs), "outputs": str(outputs),
+            "seconds_per_image": mean("seconds"), "lr_psnr": mean("lr_psnr"),
+            "lr_consistency_mae": mean("lr_consistency_mae"), "pairs": str(pairs), "outputs": str(outputs),
             "per_image": rows}
 
 

@@ -18,8 +18,9 @@ FID_ROWS = {("zoomldm", "store"): "ZoomLDM", ("zoomldm", "cdm"): "ZoomLDM + CDM 
             ("single_scale", "store"): "Single-scale LDM", ("graikos", "store"): "Graikos et al."}
 LARGE_LABELS = {"zoomldm": "ZoomLDM (joint sampling)",
                 "zoomldm_unconstrained": "ZoomLDM (joint, no constraint)", "graikos": "Graikos et al."}
-SR_LABELS = {"bicubic": "Bicubic", "ldm_sr": "LDM-SR (CompVis)", "controlnet": "ControlNet",
-             "zoomldm": "ZoomLDM (condition inversion)"}
+SR_LABELS = {"bicubic": "Bicubic", "ldm_sr": "LDM-SR (LR concatenated, trained here)",
+             "controlnet": "ControlNet (on frozen ZoomLDM)", "zoomldm": "ZoomLDM (condition inversion)",
+             "zoomldm_unconstrained": "ZoomLDM (inversion, constraint off)"}
 PAPER_PATCH_PX = 256
 NA_NOTE = f"{NOT_RECOVERED}: in the paper but not recovered; {NOT_APPLICABLE}: the paper has no such cell."
 
@@ -165,6 +166,7 @@ def super_resolution_table(metrics_dir: Path | str, references_dir: Path | str) 
                      "lpips": NOT_COMPUTED if r["lpips"] is None else float(r["lpips"]),
                      "paper_lpips": _paper(hit, "lpips", where), "lpips_note": r["lpips_note"] or "",
                      "convention": r["convention"],
+                     "lr_psnr": NOT_APPLICABLE if r.get("lr_psnr") is None else float(r["lr_psnr"]),
                      "paper_source": hit["source"] if hit is not None else "not in the paper",
                      "metric_file": r["_path"]})
     df = pd.DataFrame(rows)
@@ -174,10 +176,12 @@ def super_resolution_table(metrics_dir: Path | str, references_dir: Path | str) 
              "better than both LDM-SR and ControlNet on SSIM, PSNR and LPIPS, without extra training."]
     notes += [f"{NOT_COMPUTED}: LPIPS not computed: {m}" for m in sorted(missing_lpips)]
     notes += [f"convention: {c}" for c in sorted(set(df["convention"]))]
-    notes += ["n: LR/HR test pairs per method.", NA_NOTE]
+    notes += ["n: LR/HR test pairs per method.", "lr_psnr: PSNR of the SR output downscaled 4x (antialiased "
+              "bicubic) against its LR input: how well the output agrees with what it was given.", NA_NOTE]
     return Table("super_resolution", "Super-resolution (4x): SSIM and PSNR (higher is better), LPIPS "
                  "(lower is better), beside the paper.", df,
-                 ["method", "n", "ssim", "paper_ssim", "psnr", "paper_psnr", "lpips", "paper_lpips"], notes,
+                 ["method", "n", "ssim", "paper_ssim", "psnr", "paper_psnr", "lpips", "paper_lpips", "lr_psnr"],
+                 notes,
                  {"ssim": 3, "lpips": 3})
 
 
