@@ -18,6 +18,8 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/release.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
+include: "workflow/rules/eval.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
@@ -26,3 +28,5 @@ rule all:
         rules.dataset.input,
         rules.training.input,
         rules.sampling.input,
+        rules.evaluation.input,
+        rules.report.input,
