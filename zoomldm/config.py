@@ -223,6 +223,7 @@ class SRSampleConfig:
     inversion_steps: int = 200
     inversion_lr: float = 0.1
     inner_steps: int = 5
+    baseline_steps: int = 50                 # DDIM steps (η = 0) of the LDM-SR and ControlNet baselines
 
 
 @dataclass
@@ -358,7 +359,8 @@ class Config:
                        ("patches.shard_size", p.shard_size), ("large.n", lg.n), ("large.steps", lg.steps),
                        ("large.patch_batch", lg.patch_batch), ("large.graikos_steps", lg.graikos_steps),
                        ("large.window_batch", lg.window_batch),
-                       ("sr.n", s.sr.n), ("sr.inversion_steps", s.sr.inversion_steps)]:
+                       ("sr.n", s.sr.n), ("sr.inversion_steps", s.sr.inversion_steps),
+                       ("sr.baseline_steps", s.sr.baseline_steps)]:
             _check(v >= 1, f"sample.{key}", "must be ≥ 1")
         _check(lg.inner_steps >= 0 and s.sr.inner_steps >= 0, "sample.large.inner_steps", "must be ≥ 0")
         _check(p.cfg_scale >= 0, "sample.patches.cfg_scale", "must be ≥ 0")

@@ -63,58 +63,94 @@ wildcard_constraints:
     i=r"\d+",
 
 
-rule sample_patches_shard:
-    input:
-        ckpt=_patch_ckpt,
-        cdm=_cdm_input,
-        store=f"{STORE}/store.json",
-        config=ancient(CONFIG),
-    output:
-        images=f"{SAMPLES}/patches/{{model}}/{{cond}}/{{mag}}/images-{{shard}}.npy",
-        manifest=f"{SAMPLES}/patches/{{model}}/{{cond}}/{{mag}}/manifest-{{shard}}.parquet",
-    log:
-        "logs/sample/patches/{model}_{cond}_{mag}_{shard}.log",
-    benchmark:
-        "logs/sample/patches/{model}_{cond}_{mag}_{shard}.bench.tsv"
-    threads: 2
-    resources:
-        gpu=1,
-        mem_mb=8000,
-        runtime=240,
-    conda:
-        ENV
-    params:
-        cli=ZOOMLDM,
-        cfg=section("sample.seed", "sample.patches"),
-        cdm=lambda wc, input: f"--cdm-ckpt {input.cdm[0]}" if input.cdm else "",
-        shard=lambda wc: int(wc.shard),
-        out=lambda wc, output: os.path.dirname(output.images),
-    shell:
-        "{params.cli} sample patches --config {input.config} --ckpt {input.ckpt} --mag {wildcards.mag} "
-        "--cond {wildcards.cond} {params.cdm} --shard {params.shard} --out {params.out} --no-progress "
-        "> {log} 2>&1"
+# A set that fits one shard (the demo) is one job that also writes the manifest; larger sets are one job per
+# shard plus a cheap merge job.
+if _N_SHARDS == 1:
+
+    rule sample_patches:
+        input:
+            ckpt=_patch_ckpt,
+            cdm=_cdm_input,
+            store=f"{STORE}/store.json",
+            config=ancient(CONFIG),
+        output:
+            images=f"{SAMPLES}/patches/{{model}}/{{cond}}/{{mag}}/images-00000.npy",
+            shard=f"{SAMPLES}/patches/{{model}}/{{cond}}/{{mag}}/manifest-00000.parquet",
+            manifest=f"{SAMPLES}/patches/{{model}}/{{cond}}/{{mag}}/manifest.parquet",
+        log:
+            "logs/sample/patches/{model}_{cond}_{mag}.log",
+        benchmark:
+            "logs/sample/patches/{model}_{cond}_{mag}.bench.tsv"
+        threads: 2
+        resources:
+            gpu=1,
+            mem_mb=8000,
+            runtime=240,
+        conda:
+            ENV
+        params:
+            cli=ZOOMLDM,
+            cfg=section("sample.seed", "sample.patches"),
+            cdm=lambda wc, input: f"--cdm-ckpt {input.cdm[0]}" if input.cdm else "",
+            out=lambda wc, output: os.path.dirname(output.images),
+        shell:
+            "{params.cli} sample patches --config {input.config} --ckpt {input.ckpt} --mag {wildcards.mag} "
+            "--cond {wildcards.cond} {params.cdm} --out {params.out} --no-progress > {log} 2>&1"
+
+else:
+
+    rule sample_patches_shard:
+        input:
+            ckpt=_patch_ckpt,
+            cdm=_cdm_input,
+            store=f"{STORE}/store.json",
+            config=ancient(CONFIG),
+        output:
+            images=f"{SAMPLES}/patches/{{model}}/{{cond}}/{{mag}}/images-{{shard}}.npy",
+            manifest=f"{SAMPLES}/patches/{{model}}/{{cond}}/{{mag}}/manifest-{{shard}}.parquet",
+        log:
+            "logs/sample/patches/{model}_{cond}_{mag}_{shard}.log",
+        benchmark:
+            "logs/sample/patches/{model}_{cond}_{mag}_{shard}.bench.tsv"
+        threads: 2
+        resources:
+            gpu=1,
+            mem_mb=8000,
+            runtime=240,
+        conda:
+            ENV
+        params:
+            cli=ZOOMLDM,
+            cfg=section("sample.seed", "sample.patches"),
+            cdm=lambda wc, input: f"--cdm-ckpt {input.cdm[0]}" if input.cdm else "",
+            shard=lambda wc: int(wc.shard),
+            out=lambda wc, output: os.path.dirname(output.images),
+        shell:
+            "{params.cli} sample patches --config {input.config} --ckpt {input.ckpt} --mag {wildcards.mag} "
+            "--cond {wildcards.cond} {params.cdm} --shard {params.shard} --out {params.out} --no-progress "
+            "> {log} 2>&1"
 
 
-rule sample_patches:
-    input:
-        shards=lambda wc: expand(
-            f"{SAMPLES}/patches/{wc.model}/{wc.cond}/{wc.mag}/images-{{s:05d}}.npy", s=range(_N_SHARDS)
-        ),
-        config=ancient(CONFIG),
-    output:
-        f"{SAMPLES}/patches/{{model}}/{{cond}}/{{mag}}/manifest.parquet",
-    log:
-        "logs/sample/patches/{model}_{cond}_{mag}_manifest.log",
-    conda:
-        ENV
-    params:
-        cli=ZOOMLDM,
-        cfg=section("sample.patches"),
-        ckpt=_patch_ckpt,
-        out=lambda wc, output: os.path.dirname(output[0]),
-    shell:
-        "{params.cli} sample patches --config {input.config} --ckpt {params.ckpt} --mag {wildcards.mag} "
-        "--cond {wildcards.cond} --out {params.out} --no-progress > {log} 2>&1"
+    rule sample_patches:
+        input:
+            shards=lambda wc: expand(
+                f"{SAMPLES}/patches/{wc.model}/{wc.cond}/{wc.mag}/images-{{s:05d}}.npy", s=range(_N_SHARDS)
+            ),
+            config=ancient(CONFIG),
+        output:
+            f"{SAMPLES}/patches/{{model}}/{{cond}}/{{mag}}/manifest.parquet",
+        log:
+            "logs/sample/patches/{model}_{cond}_{mag}_manifest.log",
+        conda:
+            ENV
+        params:
+            cli=ZOOMLDM,
+            cfg=section("sample.patches"),
+            ckpt=_patch_ckpt,
+            out=lambda wc, output: os.path.dirname(output[0]),
+        shell:
+            "{params.cli} sample patches --config {input.config} --ckpt {params.ckpt} --mag {wildcards.mag} "
+            "--cond {wildcards.cond} --out {params.out} --no-progress > {log} 2>&1"
 
 
 # One job per large image (i: the item index; image i depends only on (sample.seed, i)).

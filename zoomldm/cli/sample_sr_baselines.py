@@ -104,7 +104,7 @@ def _read_lr(paths, patch_px: int | None, grid: int) -> dict:
               help="LR image(s), patch_px x patch_px, at the magnification spanning --grid base patches.")
 @click.option("--grid", type=int, default=None,
               help="SR factor (base patches per side); default: the checkpoint's, else [sample.sr.grid].")
-@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="DDIM steps (η = 0).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="DDIM steps, η = 0 [sample.sr.baseline_steps].")
 @click.option("--patch-batch", type=click.IntRange(min=1), default=None, help="[sample.large.patch_batch]")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
@@ -129,6 +129,7 @@ def sr_baseline(method, ckpt, zoomldm_ckpt, vq_path, lr_paths, grid, steps, patc
     cfg = load_config(config_path) if config_path else Config()
     sc = cfg.sample
     seed, patch_batch = sc.seed if seed is None else seed, patch_batch or sc.large.patch_batch
+    steps = sc.sr.baseline_steps if steps is None else steps
     if method == "bicubic" and (ckpt or zoomldm_ckpt):
         raise ValueError("--method bicubic takes no --ckpt / --zoomldm")
     if method != "bicubic" and ckpt is None:
