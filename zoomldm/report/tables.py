@@ -239,9 +239,12 @@ def mil_table(metrics_dir: Path | str, references_dir: Path | str) -> Table:
               f"subtyping {o['subtyping_auc']}, HRD {o['hrd_auc']}."
               for i, o in ref.iterrows() if i not in used]
     notes += [NA_NOTE]
+    shown = ["features", "magnification", "auc", "auc_std", "bacc", "paper_subtyping_auc", "paper_hrd_auc",
+             "n_slides", "folds"]
+    if len(tasks) > 1:                      # one task: said once in the notes; several: a column (csv keeps it)
+        shown.insert(2, "task")
     return Table("mil", "Slide-level MIL (ABMIL) with frozen features, beside the paper's MIL table.", df,
-                 ["features", "magnification", "task", "auc", "auc_std", "bacc", "paper_subtyping_auc",
-                  "paper_hrd_auc", "n_slides", "folds"], notes)
+                 shown, notes)
 
 
 # ---------------------------------------------------------------------------------------------------- all
