@@ -304,6 +304,20 @@ def test_panorama_window_average_equals_a_canvas_ddim_step():
 # ---------------------------------------------------------------------------------------------------------
 # super-resolution and bad input
 
+def test_large_latent_cut_is_a_config_choice(env, tmp_path):
+    """--constraint-mode latent (issue #8's cut): no VQ pass inside the loop, same seeds and guide as the
+    reference, the half-stride decode when asked; the JSON says which algorithm ran."""
+    base = ["large", "--config", env["config"], "--ckpt", env["ckpt"], "--grid", 4, "--no-progress"]
+    ok(run(*base, "--out", tmp_path / "ref"))
+    ok(run(*base, "--out", tmp_path / "cut", "--constraint-mode", "latent", "--decode-stride", 2))
+    ref, cut = (json.loads((tmp_path / d / "0.json").read_text()) for d in ("ref", "cut"))
+    assert ref["constraint_mode"] == "reference" and cut["constraint_mode"] == "latent"
+    assert cut["joint_vq_encodes"] == 0 and cut["joint_vq_decodes"] == 0 < ref["joint_vq_decodes"]
+    assert cut["decode_stride"] == 2 and cut["blend_vq_decodes"] < ref["blend_vq_decodes"]
+    guides = [np.asarray(Image.open(tmp_path / d / "0_guide.png")) for d in ("ref", "cut")]
+    np.testing.assert_array_equal(*guides)                     # the guide is never corrected: same in both
+
+
 def test_sr_writes_consistency_and_psnr(env, tmp_path):
     ok(run("sr-inputs", "--config", env["config"], "--grid", 4, "--n", 1, "--out", tmp_path / "in"))
     lr = tmp_path / "in" / "lr" / "0.png"

@@ -118,3 +118,24 @@ def test_graikos_task_conditions_on_the_normalised_raw_embedding(store):
     loss = task.loss(batch, torch.Generator().manual_seed(0))
     loss.backward()
     assert emb.proj.weight.grad.abs().sum() > 0
+
+
+def test_autoencoder_crops_are_per_sample_and_the_tiny_preset_keeps_f4(store):
+    """train.autoencoder.crop_px: each sample gets its own random crop (drawn from its own generator), and the
+    loss equals the full-patch formula applied to those crops; the `tiny` preset is still a 4x autoencoder."""
+    from zoomldm.training.loop import SampleRNG
+    torch.manual_seed(0)
+    task = AutoencoderTask(store, AutoencoderTrainConfig(preset="tiny", crop_px=8))
+    vq = task.modules["vq"]
+    assert vq.encode(torch.zeros(1, 3, 16, 16)).shape[-1] == 4
+    batch = _batch(task)
+    x = batch["image"]
+    loss = task.loss(batch, SampleRNG([7, 8, 9][: len(x)]))
+    span = x.shape[-1] - 8 + 1
+    rng = SampleRNG([7, 8, 9][: len(x)])
+    top, left = rng.randint(0, span).tolist(), rng.randint(0, span).tolist()
+    crops = torch.stack([im[:, t:t + 8, l:l + 8] for im, t, l in zip(x, top, left)])
+    z = vq.encode(crops)
+    zq = vq.quantize.lookup(vq.quantize.codes(z))
+    want = (vq.decode(z, quantize=True) - crops).abs().mean() + 1.25 * ((zq - z) ** 2).mean()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)

@@ -97,6 +97,9 @@ class AutoencoderTrainConfig(TrainConfig):
     weight_decay: float = 0.0
     ema_decay: float | None = None
     commitment: float = 0.25                 # beta of the VQ commitment term (taming VQ-GAN)
+    # "tiny" (CPU demo): ch_mult (1, 1, 2), one ResnetBlock per level — still f4, 3 levels, mid-block attention.
+    preset: Literal["paper", "small", "tiny"] = "small"
+    crop_px: int | None = None               # train on random crop_px crops (fully convolutional: cheaper steps)
     init: str | None = None                  # start from a checkpoint (zoomldm or vq kind) instead of random
 
 
@@ -205,6 +208,14 @@ class LargeSampleConfig:
     lr: float = 0.5                          # constraint update size
     guidance_w: float = 2.0                  # CFG in the form (1 + w) ε_c − w ε_u (standard scale 1 + w)
     patch_batch: int = 16                    # base patches per UNet/VQ batch
+    # The cut of issue #8 (zoomldm/diffusion/joint_fast.py): "reference" = the official algorithm (VQ decode and
+    # encode in every inner iteration); "latent" = the residual in latent space (no VQ pass in the loop), plus
+    # `pixel_steps` reference iterations per outer step (hybrid). decode_stride: blended-decode stride in
+    # latents (null = window/4, official; window/2 = 961 instead of 3,721 decodes per 4096² image).
+    constraint_mode: Literal["reference", "latent"] = "reference"
+    direction: Literal["direct", "jvp"] = "direct"
+    pixel_steps: int = 0
+    decode_stride: int | None = None
     unconstrained: bool = True               # also sample the constraint-off variant on the same seeds
     graikos: bool = True                     # Graikos et al. panoramas of the same regions
     graikos_steps: int = 50                  # DDIM steps, η = graikos_eta (peers-and-metrics.md §2)
@@ -316,6 +327,9 @@ class Config:
         for name in d.magnifications or []:
             _mag_or_error(d.ladder, name, "dataset.magnifications")
         _check(self.encoder.batch_size >= 1, "encoder.batch_size", "must be ≥ 1")
+        crop = self.train.autoencoder.crop_px
+        _check(crop is None or (crop % 4 == 0 and 8 <= crop <= d.patch_px), "train.autoencoder.crop_px",
+               f"must be a multiple of 4 in [8, dataset.patch_px = {d.patch_px}] or null")
         for name in ("autoencoder", "ldm", "single_scale", "graikos", "cdm", "ldm_sr", "controlnet"):
             t, key = getattr(self.train, name), f"train.{name}"
             _check(t.batch_size >= 1, f"{key}.batch_size", "must be ≥ 1")
@@ -363,6 +377,8 @@ class Config:
                        ("sr.baseline_steps", s.sr.baseline_steps)]:
             _check(v >= 1, f"sample.{key}", "must be ≥ 1")
         _check(lg.inner_steps >= 0 and s.sr.inner_steps >= 0, "sample.large.inner_steps", "must be ≥ 0")
+        _check(lg.pixel_steps >= 0, "sample.large.pixel_steps", "must be ≥ 0")
+        _check(lg.decode_stride is None or lg.decode_stride >= 1, "sample.large.decode_stride", "must be ≥ 1")
         _check(p.cfg_scale >= 0, "sample.patches.cfg_scale", "must be ≥ 0")
         _check(0 <= lg.graikos_eta <= 1, "sample.large.graikos_eta", "must lie in [0, 1]")
         # A grid g needs the magnification whose region spans g x g base tiles (4 -> 5x, 16 -> 1.25x).

@@ -220,13 +220,21 @@ def _large_options(f):
 @click.option("--inner-steps", type=click.IntRange(min=0), default=None, help="[sample.large.inner_steps]")
 @click.option("--guidance-w", type=float, default=None, help="w of (1+w)ε_c − wε_u [sample.large.guidance_w].")
 @click.option("--patch-batch", type=click.IntRange(min=1), default=None, help="[sample.large.patch_batch]")
+@click.option("--constraint-mode", type=click.Choice(["reference", "latent"]), default=None,
+              help="reference: the official algorithm; latent: the cut (no VQ pass in the inner loop) "
+                   "[sample.large.constraint_mode].")
+@click.option("--pixel-steps", type=click.IntRange(min=0), default=None,
+              help="latent mode: reference iterations after the latent ones [sample.large.pixel_steps].")
+@click.option("--decode-stride", type=click.IntRange(min=1), default=None,
+              help="Blended-decode stride in latents [sample.large.decode_stride; default window/4].")
 @_common
 def large(ckpt, cond, cdm_ckpt, vq_path, grid, n, window_batch, shard, num_shards, constraint, steps, inner_steps,
-          guidance_w, patch_batch, out, config_path, store_path, seed, device, precision, progress) -> None:
+          guidance_w, patch_batch, constraint_mode, pixel_steps, decode_stride, out, config_path, store_path, seed,
+          device, precision, progress) -> None:
     """Large images by joint multi-scale sampling: OUT/<i>.png, OUT/<i>_guide.png and OUT/<i>.json."""
     import torch
 
-    from zoomldm.diffusion.joint import JointConfig
+    from zoomldm.diffusion.joint_fast import FastJointConfig
     from zoomldm.sampling import denoisers as dn
     from zoomldm.sampling.io import item_done, write_json, write_png
     from zoomldm.sampling.large import large_conditions, sample_large
@@ -240,9 +248,11 @@ def large(ckpt, cond, cdm_ckpt, vq_path, grid, n, window_batch, shard, num_shard
     todo = [i for i in _items(n, shard, num_shards) if not item_done(out, i)]
     if not todo:
         return
-    jcfg = JointConfig(steps=_pick(steps, lc.steps), inner_steps=_pick(inner_steps, lc.inner_steps), h=lc.h,
-                       lr=lc.lr, constraint=constraint, guidance_w=_pick(guidance_w, lc.guidance_w),
-                       patch_batch=_pick(patch_batch, lc.patch_batch))
+    jcfg = FastJointConfig(steps=_pick(steps, lc.steps), inner_steps=_pick(inner_steps, lc.inner_steps), h=lc.h,
+                           lr=lc.lr, constraint=constraint, guidance_w=_pick(guidance_w, lc.guidance_w),
+                           patch_batch=_pick(patch_batch, lc.patch_batch),
+                           constraint_mode=_pick(constraint_mode, lc.constraint_mode), direction=lc.direction,
+                           pixel_steps=_pick(pixel_steps, lc.pixel_steps))
     dev = resolve_device(_pick(device, sc.device))
     m = dn.load_zoomldm(ckpt, dev, vq_path=vq_path)
     if guide.index >= m.summarizer.config.mag_levels:
@@ -262,7 +272,8 @@ def large(ckpt, cond, cdm_ckpt, vq_path, grid, n, window_batch, shard, num_shard
         with torch.no_grad(), dn.autocast(dev, _pick(precision, sc.precision), "joint"):
             guide_ctx, patch_ctx, source = large_conditions(m, i, grid, guide, seed, lookup, cdm, cdm_steps)
             item = sample_large(m, i, grid, guide, seed, jcfg, guide_ctx, patch_ctx,
-                                _pick(window_batch, lc.window_batch), progress)
+                                _pick(window_batch, lc.window_batch), progress,
+                                decode_stride=_pick(decode_stride, lc.decode_stride))
         item.record.update(cond=cond, source=source, model=str(ckpt), device=str(dev))
         write_png(Path(out) / f"{i}_guide.png", item.guide)
         write_png(Path(out) / f"{i}.png", item.image)

@@ -125,6 +125,10 @@ VQ_PRESETS: dict[str, VQConfig] = {
     "paper": VQConfig(),
     # Same topology (3 levels, f4, mid-block attention only) for CPU runs on 64-px images -> 16x16 latents.
     "small": VQConfig(ch=32, n_embed=512, resolution=64),
+    # The CPU demo's stand-in: still f4 with 3 levels and mid-block attention, ~1/3 of small's FLOPs. Trained on
+    # 32-px crops it reconstructs the demo tiles far better than `small` in the same minutes (bench note in
+    # README: held-out MAE 25.6 vs 37.5 on [0, 255] after 150 s on one core).
+    "tiny": VQConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, n_embed=512, resolution=64),
 }
 
 

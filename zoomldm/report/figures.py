@@ -9,6 +9,7 @@ Sample layout read here (written by `zoomldm sample`, workflow/rules/sample.smk)
 from __future__ import annotations
 
 import logging
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -226,7 +227,7 @@ def sr_examples(samples_dir: Path | str, out: Path | str, k: int = 4) -> Path:
                 axes[i, j].imshow(np.asarray(im.convert("RGB")), interpolation="nearest")
             _bare(axes[i, j])
             if i == 0:
-                axes[i, j].set_title(name, fontsize=8)
+                axes[i, j].set_title(textwrap.fill(name, 22), fontsize=7)
     fig.suptitle("Super-resolution examples (LR | methods | HR)", fontsize=9)
     fig.tight_layout()
     return _save(fig, out)

@@ -118,6 +118,7 @@ class AutoencoderTask(StoreTask):
             self.init_codebook(vq)
         self.modules = {"vq": vq}
         self.beta = cfg.commitment
+        self.crop = cfg.crop_px
 
     @torch.no_grad()
     def init_codebook(self, vq: VQModel, n_images: int = 32) -> None:
@@ -135,6 +136,10 @@ class AutoencoderTask(StoreTask):
     def loss(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
         vq = self.modules["vq"]
         x = batch["image"]                                                          # (N, 3, P, P) in [-1, 1]
+        if self.crop and self.crop < x.shape[-1]:                                   # a random crop per sample
+            c, span = self.crop, x.shape[-1] - self.crop + 1
+            top, left = _randint(span, len(x), gen, "cpu").tolist(), _randint(span, len(x), gen, "cpu").tolist()
+            x = torch.stack([im[:, t:t + c, l:l + c] for im, t, l in zip(x, top, left)])  # (N, 3, c, c)
         z = vq.encode(x)
         z_q = vq.quantize.lookup(vq.quantize.codes(z)).to(z.dtype)
         rec = vq.decoder(vq.post_quant_conv(z + (z_q - z).detach()))                 # straight-through
