@@ -224,7 +224,6 @@ def joint_multiscale_sample(eps_fn: JointEpsFn, encode: ImageFn, decode: ImageFn
     x_g = None if fixed_guide else x_guide.clone()
     x_p = x_patches.clone()
     image_g = guide_image
-    factor = None  # A's downscaling factor, from the first decoded patch
 
     for i, t in enumerate(tqdm(cfg.timesteps(), desc="joint", disable=not progress)):
         step = _Step.make(t, cfg.stride, schedule, cfg.stochastic)
@@ -251,16 +250,7 @@ def joint_multiscale_sample(eps_fn: JointEpsFn, encode: ImageFn, decode: ImageFn
             unet += fpc * b
             x0 = step.x0_hat(x, eps)
             for _ in range(cfg.inner_steps if cfg.constraint else 0):
-                image = decode(x0)                                                  # (B, 3, P, P)
-                z_img = encode(image)
-                if factor is None:
-                    factor = _factor(image, tiles)
-                r = inf_normalize(upscale(tiles[sl] - downscale(image, factor), factor))
-                e = inf_normalize(encode(image + cfg.h * r) - z_img)
-                x0_plus = step.x0_hat(x + cfg.h * e, eps_fn(x + cfg.h * e, tv, "patches", sl))
-                x = x + cfg.lr * inf_normalize((x0_plus - x0) / cfg.h)
-                eps = eps_fn(x, tv, "patches", sl)
-                x0 = step.x0_hat(x, eps)
+                x, eps, x0 = pixel_iteration(eps_fn, encode, decode, step, x, x0, tiles[sl], tv, sl, cfg)
                 dec += b
                 enc += 2 * b
                 unet += 2 * fpc * b
@@ -270,21 +260,45 @@ def joint_multiscale_sample(eps_fn: JointEpsFn, encode: ImageFn, decode: ImageFn
             callback(dict(i=i, t=t, x_guide=x_g, x_patches=x_p, guide_image=image_g))
 
     # Final guide image and the consistency of the patches with it (not part of the loop counters).
-    final_dec = 0
-    if not fixed_guide:
-        image_g = decode(x_g).clamp(-1, 1)
-        final_dec += 1
-    tiles = split_tiles(image_g, grid)
-    abs_err = x_p.new_zeros(())
-    for start in range(0, n, cfg.patch_batch):
-        sl = slice(start, min(start + cfg.patch_batch, n))
-        image = decode(x_p[sl]).clamp(-1, 1)
-        final_dec += image.shape[0]
-        factor = factor or _factor(image, tiles)
-        abs_err = abs_err + (downscale(image, factor) - tiles[sl]).abs().float().sum()
-    mae = float(abs_err) * 127.5 / tiles.numel()  # [−1, 1] -> [0, 255]: |Δ| × 255/2
+    image_g, mae, final_dec = pixel_consistency(decode, x_g, x_p, None if not fixed_guide else image_g, grid,
+                                                cfg.patch_batch)
     return JointResult(guide_latent=x_g, patch_latents=x_p, guide_image=image_g, unet_forwards=unet,
                        vq_decodes=dec, vq_encodes=enc, final_vq_decodes=final_dec, consistency_mae=mae)
+
+
+def pixel_iteration(eps_fn: JointEpsFn, encode: ImageFn, decode: ImageFn, step: "_Step", x: Tensor, x0: Tensor,
+                    tiles: Tensor, tv: Tensor, sl: slice, cfg: JointConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """One inner iteration of the reference constraint (§5.3 a–e) on patches ``sl``: (x, ε, x̂0) at the moved
+    x_t. ``tiles`` (B, 3, p, p): their guide tiles. Costs 1 VQ decode, 2 encodes and 2 eps_fn calls per item."""
+    image = decode(x0)                                                          # (B, 3, P, P)
+    z_img = encode(image)
+    factor = _factor(image, tiles)
+    r = inf_normalize(upscale(tiles - downscale(image, factor), factor))
+    e = inf_normalize(encode(image + cfg.h * r) - z_img)
+    x0_plus = step.x0_hat(x + cfg.h * e, eps_fn(x + cfg.h * e, tv, "patches", sl))
+    x = x + cfg.lr * inf_normalize((x0_plus - x0) / cfg.h)
+    eps = eps_fn(x, tv, "patches", sl)
+    return x, eps, step.x0_hat(x, eps)
+
+
+@torch.no_grad()
+def pixel_consistency(decode: ImageFn, x_guide: Tensor | None, x_patches: Tensor, guide_image: Tensor | None,
+                      grid: int, patch_batch: int) -> tuple[Tensor, float, int]:
+    """(guide image, consistency MAE on [0, 255], decodes done) after sampling: clamp(D(guide)) (or the fixed
+    guide image) cut into tiles, each patch decoded and clamped, A in pixel space, mean |A(patch) − tile|."""
+    n, final_dec = x_patches.shape[0], 0
+    image_g = guide_image
+    if image_g is None:
+        image_g = decode(x_guide).clamp(-1, 1)
+        final_dec += 1
+    tiles = split_tiles(image_g, grid)                                          # (N, 3, p, p)
+    abs_err = x_patches.new_zeros(())
+    for start in range(0, n, patch_batch):
+        sl = slice(start, min(start + patch_batch, n))
+        image = decode(x_patches[sl]).clamp(-1, 1)
+        final_dec += image.shape[0]
+        abs_err = abs_err + (downscale(image, _factor(image, tiles)) - tiles[sl]).abs().float().sum()
+    return image_g, float(abs_err) * 127.5 / tiles.numel(), final_dec          # [−1, 1] -> [0, 255]: × 255/2
 
 
 def _factor(image: Tensor, tiles: Tensor) -> int:

@@ -46,8 +46,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .joint import (
-    ImageFn, JointConfig, JointEpsFn, JointResult, _factor, _Step, inf_normalize, joint_multiscale_sample,
-    split_tiles,
+    ImageFn, JointConfig, JointEpsFn, JointResult, _Step, inf_normalize, joint_multiscale_sample,
+    pixel_consistency, pixel_iteration, split_tiles,
 )
 from .resize import downscale, upscale
 from .samplers import NoiseFn, ddim_step
@@ -136,7 +136,6 @@ def joint_latent_sample(eps_fn: JointEpsFn, encode: ImageFn, decode: ImageFn, sc
                 raise ValueError(f"joint_latent_sample: the encoded guide image gives tiles "
                                  f"{tuple(tiles.shape[1:])}; patch latents {tuple(x_p.shape[1:])} need "
                                  f"1/{grid} of their side")
-    factor = None
 
     for i, t in enumerate(tqdm(cfg.timesteps(), desc="joint-latent", disable=not progress)):
         step = _Step.make(t, cfg.stride, schedule, cfg.stochastic)
@@ -174,15 +173,7 @@ def joint_latent_sample(eps_fn: JointEpsFn, encode: ImageFn, decode: ImageFn, sc
                 unet += fpc * b
             for _ in range(cfg.pixel_steps if cfg.constraint else 0):
                 # one iteration of the reference inner loop (joint.py, reference §5.3 a–e)
-                image = decode(x0)                                            # (B, 3, P, P)
-                z_img = encode(image)
-                factor = factor or _factor(image, pix_tiles)
-                r = inf_normalize(upscale(pix_tiles[sl] - downscale(image, factor), factor))
-                e = inf_normalize(encode(image + cfg.h * r) - z_img)
-                x0_plus = step.x0_hat(x + cfg.h * e, eps_fn(x + cfg.h * e, tv, "patches", sl))
-                x = x + cfg.lr * inf_normalize((x0_plus - x0) / cfg.h)
-                eps = eps_fn(x, tv, "patches", sl)
-                x0 = step.x0_hat(x, eps)
+                x, eps, x0 = pixel_iteration(eps_fn, encode, decode, step, x, x0, pix_tiles[sl], tv, sl, cfg)
                 dec += b
                 enc += 2 * b
                 unet += 2 * fpc * b
@@ -196,24 +187,3 @@ def joint_latent_sample(eps_fn: JointEpsFn, encode: ImageFn, decode: ImageFn, sc
                        vq_decodes=dec, vq_encodes=enc, final_vq_decodes=final_dec, consistency_mae=mae)
 
 
-@torch.no_grad()
-def pixel_consistency(decode: ImageFn, x_guide: Tensor | None, x_patches: Tensor, guide_image: Tensor | None,
-                      grid: int, patch_batch: int) -> tuple[Tensor, float, int]:
-    """(guide image, consistency MAE on [0, 255], decodes done): the post-sampling measurement of
-    ``joint_multiscale_sample``, step for step: clamp(D(guide)) cut into tiles, each patch decoded and
-    clamped, A in pixel space, mean |A(patch) − tile| × 127.5."""
-    n, final_dec = x_patches.shape[0], 0
-    image_g = guide_image
-    if image_g is None:
-        image_g = decode(x_guide).clamp(-1, 1)
-        final_dec += 1
-    tiles = split_tiles(image_g, grid)                                        # (N, 3, p, p)
-    abs_err = x_patches.new_zeros(())
-    factor = None
-    for start in range(0, n, patch_batch):
-        sl = slice(start, min(start + patch_batch, n))
-        image = decode(x_patches[sl]).clamp(-1, 1)
-        final_dec += image.shape[0]
-        factor = factor or _factor(image, tiles)
-        abs_err = abs_err + (downscale(image, factor) - tiles[sl]).abs().float().sum()
-    return image_g, float(abs_err) * 127.5 / tiles.numel(), final_dec
