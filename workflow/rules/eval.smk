@@ -141,7 +141,7 @@ if MIL_METRICS:
             features="ssl|zoomldm",
         log:
             "logs/eval/mil_features_{features}_{mag}.log",
-        threads: 2
+        threads: 1
         resources:
             gpu=1,
             mem_mb=16000,
@@ -153,7 +153,7 @@ if MIL_METRICS:
             cfg=section("eval.seed", "eval.mil"),
             ckpt=lambda wc, input: f"--ckpt {input.ckpt[0]}" if input.ckpt else "",
         shell:
-            "{params.cli} eval mil-features --config {input.config} --features {wildcards.features} "
+            "OMP_NUM_THREADS={threads} {params.cli} eval mil-features --config {input.config} --features {wildcards.features} "
             "--mag {wildcards.mag} {params.ckpt} --out {output} --no-progress > {log} 2>&1"
 
 
@@ -211,7 +211,7 @@ rule eval_sr:
         pairs=lambda wc, input: os.path.dirname(input.pairs[0]),
         outputs=lambda wc: f"{SAMPLES}/sr/{wc.method}",
     shell:
-        "{params.cli} eval sr --config {input.config} --pairs {params.pairs} --outputs {params.outputs} "
+        "OMP_NUM_THREADS={threads} {params.cli} eval sr --config {input.config} --pairs {params.pairs} --outputs {params.outputs} "
         "--method {wildcards.method} --out {output} > {log} 2>&1"
 
 

@@ -1,7 +1,8 @@
 # Sampling stage: patch sets for FID (per magnification, model and conditioning source, one job per shard),
 # large images by joint multi-scale sampling with and without the constraint, Graikos panoramas of the same
 # regions, and super-resolution of real LR regions (one job per image). Every job is one `zoomldm sample` call
-# and skips what is already written, so a rerun resumes.
+# and skips what is already written, so a rerun resumes. Jobs are single-threaded (OMP_NUM_THREADS={threads}):
+# on a CPU several run side by side; on a GPU node the profile's cpus_per_gpu still applies.
 import math
 
 from zoomldm import mags as _mags
@@ -81,7 +82,7 @@ if _N_SHARDS == 1:
             "logs/sample/patches/{model}_{cond}_{mag}.log",
         benchmark:
             "logs/sample/patches/{model}_{cond}_{mag}.bench.tsv"
-        threads: 2
+        threads: 1
         resources:
             gpu=1,
             mem_mb=8000,
@@ -94,7 +95,7 @@ if _N_SHARDS == 1:
             cdm=lambda wc, input: f"--cdm-ckpt {input.cdm[0]}" if input.cdm else "",
             out=lambda wc, output: os.path.dirname(output.images),
         shell:
-            "{params.cli} sample patches --config {input.config} --ckpt {input.ckpt} --mag {wildcards.mag} "
+            "OMP_NUM_THREADS={threads} {params.cli} sample patches --config {input.config} --ckpt {input.ckpt} --mag {wildcards.mag} "
             "--cond {wildcards.cond} {params.cdm} --out {params.out} --no-progress > {log} 2>&1"
 
 else:
@@ -112,7 +113,7 @@ else:
             "logs/sample/patches/{model}_{cond}_{mag}_{shard}.log",
         benchmark:
             "logs/sample/patches/{model}_{cond}_{mag}_{shard}.bench.tsv"
-        threads: 2
+        threads: 1
         resources:
             gpu=1,
             mem_mb=8000,
@@ -126,7 +127,7 @@ else:
             shard=lambda wc: int(wc.shard),
             out=lambda wc, output: os.path.dirname(output.images),
         shell:
-            "{params.cli} sample patches --config {input.config} --ckpt {input.ckpt} --mag {wildcards.mag} "
+            "OMP_NUM_THREADS={threads} {params.cli} sample patches --config {input.config} --ckpt {input.ckpt} --mag {wildcards.mag} "
             "--cond {wildcards.cond} {params.cdm} --shard {params.shard} --out {params.out} --no-progress "
             "> {log} 2>&1"
 
@@ -149,7 +150,7 @@ else:
             ckpt=_patch_ckpt,
             out=lambda wc, output: os.path.dirname(output[0]),
         shell:
-            "{params.cli} sample patches --config {input.config} --ckpt {params.ckpt} --mag {wildcards.mag} "
+            "OMP_NUM_THREADS={threads} {params.cli} sample patches --config {input.config} --ckpt {params.ckpt} --mag {wildcards.mag} "
             "--cond {wildcards.cond} --out {params.out} --no-progress > {log} 2>&1"
 
 
@@ -170,7 +171,7 @@ rule sample_large:
         "logs/sample/large/{variant}_grid{grid}_{i}.log",
     benchmark:
         "logs/sample/large/{variant}_grid{grid}_{i}.bench.tsv"
-    threads: 2
+    threads: 1
     resources:
         gpu=1,
         mem_mb=16000,
@@ -187,7 +188,7 @@ rule sample_large:
         ),
         out=lambda wc, output: os.path.dirname(output.image),
     shell:
-        "{params.cli} sample large --config {input.config} --ckpt {input.ckpt} --grid {wildcards.grid} "
+        "OMP_NUM_THREADS={threads} {params.cli} sample large --config {input.config} --ckpt {input.ckpt} --grid {wildcards.grid} "
         "--n {params.n} --shard {wildcards.i} --num-shards {params.n} {params.flags} --out {params.out} "
         "--no-progress > {log} 2>&1"
 
@@ -204,7 +205,7 @@ rule sample_graikos_large:
         "logs/sample/large/graikos_grid{grid}_{i}.log",
     benchmark:
         "logs/sample/large/graikos_grid{grid}_{i}.bench.tsv"
-    threads: 2
+    threads: 1
     resources:
         gpu=1,
         mem_mb=16000,
@@ -217,7 +218,7 @@ rule sample_graikos_large:
         n=lambda wc: N_LARGE[int(wc.grid)],
         out=lambda wc, output: os.path.dirname(output.image),
     shell:
-        "{params.cli} sample graikos-large --config {input.config} --ckpt {input.ckpt} --grid {wildcards.grid} "
+        "OMP_NUM_THREADS={threads} {params.cli} sample graikos-large --config {input.config} --ckpt {input.ckpt} --grid {wildcards.grid} "
         "--n {params.n} --shard {wildcards.i} --num-shards {params.n} --out {params.out} --no-progress "
         "> {log} 2>&1"
 
@@ -246,7 +247,7 @@ rule large_consistency:
             )
         ),
     shell:
-        "{params.cli} sample consistency {params.dirs} --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.cli} sample consistency {params.dirs} --out {output} > {log} 2>&1"
 
 
 rule sr_inputs:
@@ -266,7 +267,7 @@ rule sr_inputs:
         cfg=section("sample.seed", "sample.sr"),
         out=lambda wc, output: os.path.dirname(output.json[0]),
     shell:
-        "{params.cli} sample sr-inputs --config {input.config} --out {params.out} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.cli} sample sr-inputs --config {input.config} --out {params.out} > {log} 2>&1"
 
 
 rule sample_sr:
@@ -283,7 +284,7 @@ rule sample_sr:
         "logs/sample/sr/{variant}_{i}.log",
     benchmark:
         "logs/sample/sr/{variant}_{i}.bench.tsv"
-    threads: 2
+    threads: 1
     resources:
         gpu=1,
         mem_mb=16000,
@@ -296,7 +297,7 @@ rule sample_sr:
         flag=lambda wc: "--no-constraint" if wc.variant.endswith("unconstrained") else "--constraint",
         out=lambda wc, output: os.path.dirname(output.image),
     shell:
-        "{params.cli} sample sr --config {input.config} --ckpt {input.ckpt} --lr {input.lr} {params.flag} "
+        "OMP_NUM_THREADS={threads} {params.cli} sample sr --config {input.config} --ckpt {input.ckpt} --lr {input.lr} {params.flag} "
         "--out {params.out} --no-progress > {log} 2>&1"
 
 
@@ -316,7 +317,7 @@ rule sample_sr_baseline:
         method="bicubic|ldm_sr|controlnet",
     log:
         "logs/sample/sr/{method}_{i}.log",
-    threads: 2
+    threads: 1
     resources:
         gpu=1,
         mem_mb=16000,
@@ -331,7 +332,7 @@ rule sample_sr_baseline:
         ),
         out=lambda wc, output: os.path.dirname(output.image),
     shell:
-        "{params.cli} sample sr-baseline --config {input.config} --method {wildcards.method} {params.models} "
+        "OMP_NUM_THREADS={threads} {params.cli} sample sr-baseline --config {input.config} --method {wildcards.method} {params.models} "
         "--lr {input.lr} --out {params.out} --no-progress > {log} 2>&1"
 
 

@@ -387,17 +387,14 @@ def sr(ckpt, lr_paths, grid, vq_path, inversion_steps, inner_steps, constraint, 
     """Super-resolution by condition inversion + joint sampling: OUT/<name>.png and OUT/<name>.json."""
     from zoomldm.diffusion.joint import JointConfig
     from zoomldm.sampling import denoisers as dn
-    from zoomldm.sampling.io import from_uint8, item_done, read_png, write_json, write_png
+    from zoomldm.sampling.io import from_uint8, pending_inputs, read_png, write_json, write_png
     from zoomldm.sampling.sr import super_resolve, to_uint8
     cfg = _config(config_path)
     src, sc, lc = cfg.sample.sr, cfg.sample, cfg.sample.large
     grid, seed = _pick(grid, src.grid), _pick(seed, sc.seed)
     ladder = _store(cfg, None, store_path).ladder if store_path else cfg.dataset.ladder   # no store needed
     guide = guide_magnification(ladder, grid)
-    names = [Path(p).stem for p in lr_paths]
-    if len(set(names)) != len(names):
-        raise ValueError("--lr file names (without extension) must be unique: they name the outputs")
-    todo = [(p, nm) for p, nm in zip(lr_paths, names) if not item_done(out, nm)]
+    todo = pending_inputs(lr_paths, out)
     if not todo:
         return
     dev = resolve_device(_pick(device, sc.device))

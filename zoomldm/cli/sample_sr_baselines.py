@@ -124,7 +124,7 @@ def sr_baseline(method, ckpt, zoomldm_ckpt, vq_path, lr_paths, grid, steps, patc
     from zoomldm.metrics.sr import psnr
     from zoomldm.models.sr_baselines import bicubic_sr, controlled_eps, null_context, sample_sr_image
     from zoomldm.sampling import denoisers as dn
-    from zoomldm.sampling.io import from_uint8, item_done, write_json, write_png
+    from zoomldm.sampling.io import from_uint8, pending_inputs, write_json, write_png
     from zoomldm.sampling.sr import to_uint8
     cfg = load_config(config_path) if config_path else Config()
     sc = cfg.sample
@@ -134,10 +134,7 @@ def sr_baseline(method, ckpt, zoomldm_ckpt, vq_path, lr_paths, grid, steps, patc
         raise ValueError("--method bicubic takes no --ckpt / --zoomldm")
     if method != "bicubic" and ckpt is None:
         raise ValueError(f"--method {method} needs --ckpt")
-    names = [Path(p).stem for p in lr_paths]
-    if len(set(names)) != len(names):
-        raise ValueError("--lr file names (without extension) must be unique: they name the outputs")
-    todo = [(p, nm) for p, nm in zip(lr_paths, names) if not item_done(out, nm)]
+    todo = pending_inputs(lr_paths, out)
     if not todo:
         return
     dev = resolve_device(device or sc.device)

@@ -72,6 +72,15 @@ def item_done(out: Path, name: str | int) -> bool:
     return (Path(out) / f"{name}.json").is_file()
 
 
+def pending_inputs(paths, out: Path) -> list[tuple[str, str]]:
+    """(path, name) of the input images (e.g. --lr) whose output `<out>/<name>.*` is not written yet; the name
+    is the file name without extension, so names must be unique."""
+    names = [Path(p).stem for p in paths]
+    if len(set(names)) != len(names):
+        raise ValueError("input file names (without extension) must be unique: they name the outputs")
+    return [(p, nm) for p, nm in zip(paths, names) if not item_done(out, nm)]
+
+
 class PatchShards:
     """The shard layout of one patch set of n items; see the module docstring."""
 
