@@ -1,6 +1,8 @@
 # Training stage: VQ autoencoder (unless models.vq_checkpoint is given) -> latents in the store -> ZoomLDM,
 # single-scale models, the Graikos baseline, the CDM. Rerunning a job resumes from its run folder.
 # With models.zoomldm_release / cdm_release the released weights are converted instead (release.smk).
+# Jobs run with OMP_NUM_THREADS={threads}, 1 by default so a CPU runs two side by side; the SLURM profile sets
+# the threads of every GPU rule (set-threads).
 
 
 if TRAIN_AUTOENCODER:
@@ -15,7 +17,7 @@ if TRAIN_AUTOENCODER:
             "logs/train/autoencoder.log",
         benchmark:
             "logs/train/autoencoder.bench.tsv"
-        threads: 2
+        threads: 1
         resources:
             gpu=1,
             mem_mb=16000,
@@ -27,7 +29,7 @@ if TRAIN_AUTOENCODER:
             cfg=section("dataset", "train.autoencoder"),
             out=lambda wc, output: os.path.dirname(output[0]),
         shell:
-            "{params.cli} train autoencoder --config {input.config} --out {params.out} --no-progress "
+            "OMP_NUM_THREADS={threads} {params.cli} train autoencoder --config {input.config} --out {params.out} --no-progress "
             "> {log} 2>&1"
 
 
@@ -40,7 +42,7 @@ rule encode_latents:
         f"{STORE}/latents.json",
     log:
         "logs/train/encode_latents.log",
-    threads: 2
+    threads: 1
     resources:
         gpu=1,
         runtime=240,
@@ -50,7 +52,7 @@ rule encode_latents:
         cli=ZOOMLDM,
         cfg=section("dataset", "models"),
     shell:
-        "{params.cli} data encode-latents --config {input.config} --vq {input.vq} --no-progress > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.cli} data encode-latents --config {input.config} --vq {input.vq} --no-progress > {log} 2>&1"
 
 
 if not USE_RELEASE:
@@ -65,7 +67,7 @@ if not USE_RELEASE:
             "logs/train/ldm.log",
         benchmark:
             "logs/train/ldm.bench.tsv"
-        threads: 2
+        threads: 1
         resources:
             gpu=1,
             mem_mb=32000,
@@ -77,7 +79,7 @@ if not USE_RELEASE:
             cfg=section("train.ldm"),
             out=lambda wc, output: os.path.dirname(output[0]),
         shell:
-            "{params.cli} train ldm --config {input.config} --out {params.out} --no-progress > {log} 2>&1"
+            "OMP_NUM_THREADS={threads} {params.cli} train ldm --config {input.config} --out {params.out} --no-progress > {log} 2>&1"
 
 
 rule train_single_scale:
@@ -88,7 +90,7 @@ rule train_single_scale:
         f"{RUNS}/single_scale/{{mag}}/model.safetensors",
     log:
         "logs/train/single_scale_{mag}.log",
-    threads: 2
+    threads: 1
     resources:
         gpu=1,
         mem_mb=32000,
@@ -100,7 +102,7 @@ rule train_single_scale:
         cfg=section("train.single_scale"),
         out=lambda wc, output: os.path.dirname(output[0]),
     shell:
-        "{params.cli} train single-scale --config {input.config} --mag {wildcards.mag} --out {params.out} "
+        "OMP_NUM_THREADS={threads} {params.cli} train single-scale --config {input.config} --mag {wildcards.mag} --out {params.out} "
         "--no-progress > {log} 2>&1"
 
 
@@ -112,7 +114,7 @@ rule train_graikos:
         f"{RUNS}/graikos/model.safetensors",
     log:
         "logs/train/graikos.log",
-    threads: 2
+    threads: 1
     resources:
         gpu=1,
         mem_mb=32000,
@@ -124,7 +126,7 @@ rule train_graikos:
         cfg=section("train.graikos"),
         out=lambda wc, output: os.path.dirname(output[0]),
     shell:
-        "{params.cli} train graikos --config {input.config} --out {params.out} --no-progress > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.cli} train graikos --config {input.config} --out {params.out} --no-progress > {log} 2>&1"
 
 
 if not USE_CDM_RELEASE:
@@ -137,7 +139,7 @@ if not USE_CDM_RELEASE:
             f"{RUNS}/cdm/final.safetensors",
         log:
             "logs/train/cdm.log",
-        threads: 2
+        threads: 1
         resources:
             gpu=1,
             mem_mb=16000,
@@ -149,7 +151,7 @@ if not USE_CDM_RELEASE:
             cfg=section("train.cdm"),
             out=lambda wc, output: os.path.dirname(output[0]),
         shell:
-            "{params.cli} train cdm --config {input.config} --ldm-ckpt {input.ldm} --out {params.out} "
+            "OMP_NUM_THREADS={threads} {params.cli} train cdm --config {input.config} --ldm-ckpt {input.ldm} --out {params.out} "
             "--no-progress > {log} 2>&1"
 
 
@@ -165,7 +167,7 @@ rule train_ldm_sr:
         "logs/train/ldm_sr.log",
     benchmark:
         "logs/train/ldm_sr.bench.tsv"
-    threads: 2
+    threads: 1
     resources:
         gpu=1,
         mem_mb=32000,
@@ -177,7 +179,7 @@ rule train_ldm_sr:
         cfg=section("train.ldm_sr"),
         out=lambda wc, output: os.path.dirname(output[0]),
     shell:
-        "{params.cli} train ldm-sr --config {input.config} --out {params.out} --no-progress > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.cli} train ldm-sr --config {input.config} --out {params.out} --no-progress > {log} 2>&1"
 
 
 rule train_controlnet:
@@ -191,7 +193,7 @@ rule train_controlnet:
         "logs/train/controlnet.log",
     benchmark:
         "logs/train/controlnet.bench.tsv"
-    threads: 2
+    threads: 1
     resources:
         gpu=1,
         mem_mb=32000,
@@ -203,7 +205,7 @@ rule train_controlnet:
         cfg=section("train.controlnet"),
         out=lambda wc, output: os.path.dirname(output[0]),
     shell:
-        "{params.cli} train controlnet --config {input.config} --zoomldm {input.zoomldm} --out {params.out} "
+        "OMP_NUM_THREADS={threads} {params.cli} train controlnet --config {input.config} --zoomldm {input.zoomldm} --out {params.out} "
         "--no-progress > {log} 2>&1"
 
 
