@@ -110,9 +110,12 @@ def _splitter(labels: np.ndarray, groups: np.ndarray, k: int, seed: int):
 
 
 def _fit_standardizer(train_bags: list[np.ndarray]):
-    """b -> (b − μ) / σ with μ, σ per feature over every training instance (σ floored at 1e-6)."""
+    """b -> (b − μ) / σ: μ per feature, σ one number (the RMS spread of the centred training instances, floored
+    at 1e-6), so the offset goes and the scale becomes ~1 while the features keep their relative spreads
+    (a per-feature σ would blow low-variance noise features up to the size of the informative ones)."""
     x = np.concatenate(train_bags, axis=0)
-    mu, sd = x.mean(0, keepdims=True), np.maximum(x.std(0, keepdims=True), 1e-6)
+    mu = x.mean(0, keepdims=True)
+    sd = max(float(np.sqrt(((x - mu) ** 2).mean())), 1e-6)
     return lambda b: ((b - mu) / sd).astype(np.float32)
 
 
@@ -123,8 +126,8 @@ def cross_validate(bags: list[np.ndarray], labels, slide_ids, k: int = 5, seed: 
     """k-fold ABMIL cross-validation split by slide id (no slide in both train and test).
 
     ``slide_ids`` are the grouping unit (pass patient ids for patient-level splits). Fold ``i`` trains with
-    seed ``seed * 1000 + i``. ``standardize``: z-score every feature with the mean and std of the fold's
-    training instances (applied to its test bags too): features of a generative model's blocks can sit on a
+    seed ``seed * 1000 + i``. ``standardize``: centre every feature on the mean of the fold's training
+    instances and divide by their overall spread (applied to its test bags too): features of a generative model's blocks can sit on a
     large constant offset with little spread (the demo UNet's middle block: std 0.03 around |mean| 0.5), which
     an unnormalised ABMIL barely learns from in a few epochs. ``num_threads``: torch CPU threads while training (restored afterwards); small
     bags are latency-bound and run fastest with 1, leave ``None`` for large bags of wide features.
