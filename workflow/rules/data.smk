@@ -67,7 +67,7 @@ rule dataset_summary:
         refs=os.path.join(workflow.basedir, "workflow/references/dataset.csv"),
         config=ancient(CONFIG),
     output:
-        csv="results/tables/dataset.csv",
+        csv=report("results/tables/dataset.csv", caption="../report/dataset_table.rst", category="Tables"),
         md="results/tables/dataset.md",
         tex="results/tables/dataset.tex",
         montage=report(
