@@ -32,7 +32,7 @@ from zoomldm.diffusion.samplers import NoiseFn
 from zoomldm.models.checkpoint import load_component, read_checkpoint
 from zoomldm.models.unet import UNet
 from zoomldm.models.vq import VQModel
-from zoomldm.sampling.denoisers import CheckpointKindError, Counter
+from zoomldm.sampling.denoisers import CheckpointKindError, Counter, LatentModel
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class PanoramaConfig:
 
 
 @dataclass
-class GraikosModel:
+class GraikosModel(LatentModel):
     """The Graikos patch LDM (`zoomldm train graikos`): UNet, PatchEmbedder and the bundled VQ."""
     unet: UNet
     embedder: PatchEmbedder
@@ -54,28 +54,7 @@ class GraikosModel:
     schedule: Schedule = field(default_factory=Schedule.scaled_linear)
     counter: Counter = field(default_factory=Counter)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def latent_side(self) -> int:
-        return self.unet.config.image_size
-
-    @property
-    def patch_px(self) -> int:
-        return self.unet.config.image_size * self.vq.config.downsampling
-
     kind = "graikos"
-
-    def model_fn(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        self.counter.unet += x.shape[0]
-        return self.unet(x, t, context)
-
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        self.counter.vq_decode += latent.shape[0]
-        with torch.autocast(latent.device.type, enabled=False):
-            return self.vq.decode(latent.float(), quantize=True).clamp(-1, 1)
 
 
 def load_graikos(ckpt_path: str | Path, device: str | torch.device = "cpu", ema: bool = True,

@@ -60,16 +60,12 @@ class Counter:
         return {"unet_forwards": self.unet, "vq_decodes": self.vq_decode, "vq_encodes": self.vq_encode}
 
 
-@dataclass
-class ZoomLDM:
-    """The networks `sample` commands use, loaded from one checkpoint."""
+class LatentModel:
+    """What a patch LDM with a bundled VQ offers the samplers (ZoomLDM here, the Graikos baseline in
+    baselines/panorama.py): sizes, the counted UNet call and the VQ decode. Needs `unet`, `vq`, `counter`."""
     unet: UNet
-    summarizer: Summarizer
     vq: VQModel
-    path: Path
-    kind: str
-    schedule: Schedule = field(default_factory=Schedule.scaled_linear)
-    counter: Counter = field(default_factory=Counter)
+    counter: Counter
 
     @property
     def latent_side(self) -> int:
@@ -93,6 +89,18 @@ class ZoomLDM:
         self.counter.vq_decode += latent.shape[0]
         with torch.autocast(latent.device.type, enabled=False):
             return self.vq.decode(latent.float(), quantize=True).clamp(-1, 1)
+
+
+@dataclass
+class ZoomLDM(LatentModel):
+    """The networks `sample` commands use, loaded from one checkpoint."""
+    unet: UNet
+    summarizer: Summarizer
+    vq: VQModel
+    path: Path
+    kind: str
+    schedule: Schedule = field(default_factory=Schedule.scaled_linear)
+    counter: Counter = field(default_factory=Counter)
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """VQ encode (pre-quantisation latent), float32 even inside autocast."""
