@@ -95,6 +95,38 @@ def fake_part(root, slide, counts, seed, P=16, C=6, latents=False):
     return per_mag
 
 
+def toy_regions(slide: str, mag: str, step: int, P: int, rows: int, cols: int, missing=()):
+    """The regions of one magnification on a rows x cols base-tile slide, for hand-made store parts:
+    (the Magnification, origins, index). origins: the top-left base tile (row, col) of every
+    tiles_per_side-square region, every `step` tiles, row-major, except those in `missing`; index: the part's
+    index DataFrame (x, y = origin * P). Draws no random numbers."""
+    import pandas as pd
+    from zoomldm import mags
+    m = mags.find("brca", mag)
+    n = m.tiles_per_side
+    origins = [(r, c) for r in range(0, rows - n + 1, step) for c in range(0, cols - n + 1, step)
+               if (r, c) not in missing]
+    index = pd.DataFrame({"slide": slide, "magnification": m.name, "mag_index": m.index,
+                          "x": [c * P for _, c in origins], "y": [r * P for r, _ in origins],
+                          "row0": [r for r, _ in origins], "col0": [c for _, c in origins],
+                          "mask_fraction": np.float32(1.0)})
+    return m, origins, index
+
+
+def perturb(*modules, scale: float = 0.05, seed: int | None = None) -> None:
+    """Random weights everywhere (the presets zero-init output layers, which would make every output 0): adds
+    scale * N(0, 1) to every parameter, drawn from torch's global generator, or from a fresh one seeded with
+    `seed` when given."""
+    import torch
+
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in modules:
+            for p in mod.parameters():
+                noise = torch.randn_like(p) if g is None else torch.randn(p.shape, generator=g)
+                p.add_(noise, alpha=scale)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Shared by the model and converter tests.
 

@@ -17,7 +17,7 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from zoomldm import mags
+from conftest import toy_regions
 from zoomldm.cli.main import main
 from zoomldm.data import store as st
 from zoomldm.metrics import extractors as ex
@@ -66,19 +66,10 @@ def env(tmp_path_factory):
     rng = np.random.default_rng(0)
     per_mag = {}
     for name, step in [("20x", 1), ("5x", 1)]:
-        m = mags.find("brca", name)
-        n = m.tiles_per_side
-        origins = [(r, c) for r in range(0, ROWS - n + 1, step) for c in range(0, COLS - n + 1, step)
-                   if name != "20x" or (r, c) not in MISSING]
+        m, origins, index = toy_regions("a", name, step, P, ROWS, COLS, MISSING if name == "20x" else ())
         base = np.array([[200, 120, 170]] if name == "20x" else [[150, 90, 160]], dtype=np.int16)
         imgs = base[None, None] + rng.integers(-40, 40, size=(len(origins), P, P, 3))
-        per_mag[m.slug] = {
-            "images": np.clip(imgs, 0, 255).astype(np.uint8),
-            "index": pd.DataFrame({"slide": "a", "magnification": m.name, "mag_index": m.index,
-                                   "x": [c * P for _, c in origins], "y": [r * P for r, _ in origins],
-                                   "row0": [r for r, _ in origins], "col0": [c for _, c in origins],
-                                   "mask_fraction": np.float32(1.0)}),
-        }
+        per_mag[m.slug] = {"images": np.clip(imgs, 0, 255).astype(np.uint8), "index": index}
     enc = {"name": "fake", "dim": 4, "is_standin": True}
     parts = root / "store" / "toy.parts"
     st.write_part(parts / "a", {"slide": "a", "status": "ok", "counts": {}, "encoder": enc}, per_mag)

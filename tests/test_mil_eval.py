@@ -15,6 +15,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
+from conftest import perturb, toy_regions
 from zoomldm import mags
 from zoomldm.cli.main import main
 from zoomldm.data import store as st
@@ -30,13 +31,6 @@ P, C, ROWS, COLS = 16, 6, 4, 8
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _perturb(*modules):
-    with torch.no_grad():
-        for mod in modules:
-            for p in mod.parameters():
-                p.add_(torch.randn_like(p), alpha=0.05)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("mil")
@@ -48,16 +42,11 @@ def env(tmp_path_factory):
         tiles_of[slide] = tiles
         per_mag = {}
         for name, step in [("20x", 1), ("5x", 2)]:
-            m = mags.find("brca", name)
-            n = m.tiles_per_side
-            origins = [(r, c) for r in range(0, ROWS - n + 1, step) for c in range(0, COLS - n + 1, step)]
+            m, origins, index = toy_regions(slide, name, step, P, ROWS, COLS)
             per_mag[m.slug] = {
                 "images": rng.integers(0, 256, size=(len(origins), P, P, 3), dtype=np.uint8),
                 "grids": np.stack([pooled_grid(tiles, r, c, m) for r, c in origins]).astype(np.float16),
-                "index": pd.DataFrame({"slide": slide, "magnification": m.name, "mag_index": m.index,
-                                       "x": [c * P for _, c in origins], "y": [r * P for r, _ in origins],
-                                       "row0": [r for r, _ in origins], "col0": [c for _, c in origins],
-                                       "mask_fraction": np.float32(1.0)}),
+                "index": index,
             }
         st.write_part(parts / slide, {"slide": slide, "status": "ok", "counts": {}, "encoder": enc}, per_mag,
                       tiles=tiles)
@@ -68,7 +57,7 @@ def env(tmp_path_factory):
                            attention_resolutions=(2,), context_dim=32, image_size=P // 4))
     summ = Summarizer(SummarizerConfig(input_dim=C, hidden_dim=32, mlp_dim=64, depth=1, num_heads=2))
     vq = VQModel(VQConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, n_embed=64, resolution=P))
-    _perturb(unet, summ)
+    perturb(unet, summ)
     ckpt = save_checkpoint(root / "zoomldm.safetensors", "zoomldm",
                            {"unet": unet, "summarizer": summ, "vq": vq})
     vq_only = save_checkpoint(root / "vq.safetensors", "vq", {"vq": vq})

@@ -16,7 +16,7 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from zoomldm import mags
+from conftest import perturb, toy_regions
 from zoomldm.cli.main import main
 from zoomldm.data import store as st
 from zoomldm.data.regions import pooled_grid
@@ -33,14 +33,6 @@ MISSING = {(1, 1), (3, 2)}             # base tiles kept by no 20x region (their
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _perturb(*modules):
-    """Random weights everywhere (the presets zero-init output layers, which would make every output 0)."""
-    with torch.no_grad():
-        for mod in modules:
-            for p in mod.parameters():
-                p.add_(torch.randn_like(p), alpha=0.05)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
@@ -48,17 +40,11 @@ def env(tmp_path_factory):
     tiles = rng.normal(size=(ROWS, COLS, C)).astype(np.float16)
     per_mag = {}
     for name, step in [("20x", 1), ("5x", 4)]:
-        m = mags.find("brca", name)
-        n = m.tiles_per_side
-        origins = [(r, c) for r in range(0, ROWS - n + 1, step) for c in range(0, COLS - n + 1, step)
-                   if name != "20x" or (r, c) not in MISSING]
+        m, origins, index = toy_regions("a", name, step, P, ROWS, COLS, MISSING if name == "20x" else ())
         per_mag[m.slug] = {
             "images": rng.integers(0, 256, size=(len(origins), P, P, 3), dtype=np.uint8),
             "grids": np.stack([pooled_grid(tiles, r, c, m) for r, c in origins]).astype(np.float16),
-            "index": pd.DataFrame({"slide": "a", "magnification": m.name, "mag_index": m.index,
-                                   "x": [c * P for _, c in origins], "y": [r * P for r, _ in origins],
-                                   "row0": [r for r, _ in origins], "col0": [c for _, c in origins],
-                                   "mask_fraction": np.float32(1.0)}),
+            "index": index,
         }
     parts = root / "store" / "toy.parts"
     enc = {"name": "fake", "dim": C, "is_standin": True}
@@ -71,7 +57,7 @@ def env(tmp_path_factory):
     summ = Summarizer(SummarizerConfig(input_dim=C, hidden_dim=32, mlp_dim=64, depth=1, num_heads=2))
     vq = VQModel(VQConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, n_embed=64, resolution=P))
     cdm = ConditionDiT(CDMConfig(in_channels=32, hidden_size=32, depth=1, num_heads=2))
-    _perturb(unet, summ, cdm)
+    perturb(unet, summ, cdm)
     ckpt = save_checkpoint(root / "zoomldm.safetensors", "zoomldm", {"unet": unet, "summarizer": summ, "vq": vq})
     cdm_ckpt = save_checkpoint(root / "cdm.safetensors", "cdm", {"cdm": cdm})
 
@@ -79,7 +65,7 @@ def env(tmp_path_factory):
     from zoomldm.training.loop import write_weights
     gunet = UNet(unet.config)
     embedder = PatchEmbedder(PatchEmbedderConfig(C, 32))
-    _perturb(gunet)
+    perturb(gunet)
     graikos = root / "graikos.safetensors"
     write_weights(graikos, "graikos", {"unet": gunet, "embedder": embedder, "vq": vq}, {}, {})
 
@@ -340,7 +326,7 @@ def test_bad_inputs_are_one_line(env, tmp_path):
     wrong = tmp_path / "wrong.png"
     Image.fromarray(np.zeros((P + 3, P, 3), np.uint8)).save(wrong)
     _one_line_error(run("sr", "--config", env["config"], "--ckpt", env["ckpt"], "--lr", wrong, "--out", tmp_path),
-                    "wrong.png", f"{P}x{P}")
+                    "wrong.png", f"{P}x{P}", "at 5x")
     _one_line_error(run("large", "--config", env["config"], "--ckpt", env["ckpt"], "--grid", 3, "--out", tmp_path),
                     "--grid 3", "4 (5x)")
     _one_line_error(run("large", "--config", env["config"], "--ckpt", env["ckpt"], "--grid", 8, "--out", tmp_path),

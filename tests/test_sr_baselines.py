@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import one_line
-from zoomldm import mags
+from conftest import one_line, perturb, toy_regions
 from zoomldm.cli.main import main
 from zoomldm.config import config_from_dict
 from zoomldm.data import store as st
@@ -31,19 +29,11 @@ P, C, ROWS, COLS = 32, 6, 4, 8
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _perturb(*modules, scale=0.05, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in modules:
-            for p in mod.parameters():
-                p.add_(torch.randn(p.shape, generator=g), alpha=scale)
-
-
 def _tiny_unet(seed=0):
     torch.manual_seed(seed)
     unet = UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
                            context_dim=32, image_size=P // 4))
-    _perturb(unet, seed=seed)
+    perturb(unet, seed=seed)
     return unet
 
 
@@ -54,17 +44,12 @@ def env(tmp_path_factory):
     tiles = rng.normal(size=(ROWS, COLS, C)).astype(np.float16)
     per_mag = {}
     for name, step in [("20x", 1), ("5x", 4)]:
-        m = mags.find("brca", name)
-        n = m.tiles_per_side
-        origins = [(r, c) for r in range(0, ROWS - n + 1, step) for c in range(0, COLS - n + 1, step)]
+        m, origins, index = toy_regions("a", name, step, P, ROWS, COLS)
         per_mag[m.slug] = {
             "images": rng.integers(0, 256, size=(len(origins), P, P, 3), dtype=np.uint8),
             "grids": np.stack([pooled_grid(tiles, r, c, m) for r, c in origins]).astype(np.float16),
             "latents": rng.normal(size=(len(origins), 3, P // 4, P // 4)).astype(np.float16),
-            "index": pd.DataFrame({"slide": "a", "magnification": m.name, "mag_index": m.index,
-                                   "x": [c * P for _, c in origins], "y": [r * P for r, _ in origins],
-                                   "row0": [r for r, _ in origins], "col0": [c for _, c in origins],
-                                   "mask_fraction": np.float32(1.0)}),
+            "index": index,
         }
     parts = root / "store" / "toy.parts"
     enc = {"name": "fake", "dim": C, "is_standin": True}
@@ -76,7 +61,7 @@ def env(tmp_path_factory):
     vq_path = save_checkpoint(root / "vq.safetensors", "vq", {"vq": vq})
     (root / "store" / "toy" / "latents.json").write_text(json.dumps({"vq": str(vq_path)}))
     summ = Summarizer(SummarizerConfig(input_dim=C, hidden_dim=32, mlp_dim=64, depth=1, num_heads=2))
-    _perturb(summ)
+    perturb(summ, seed=0)
     ldm = save_checkpoint(root / "zoomldm.safetensors", "zoomldm",
                           {"unet": _tiny_unet(0), "summarizer": summ, "vq": vq})
     other = save_checkpoint(root / "other.safetensors", "zoomldm",
@@ -125,7 +110,7 @@ def test_controlnet_at_init_reproduces_the_frozen_unet_exactly():
         # the copy really starts as the frozen encoder, and the residuals really reach the UNet once non-zero
         assert torch.equal(control.input_blocks[1].state_dict()["0.in_layers.2.weight"],
                            unet.input_blocks[1].state_dict()["0.in_layers.2.weight"])
-        _perturb(control.zero_convs, control.middle_out, control.hint_block, seed=3)
+        perturb(control.zero_convs, control.middle_out, control.hint_block, seed=3)
         assert not torch.allclose(controlled_eps(unet, control, x, t, ctx, hint), ref)
 
 

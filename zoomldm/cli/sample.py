@@ -387,7 +387,7 @@ def sr(ckpt, lr_paths, grid, vq_path, inversion_steps, inner_steps, constraint, 
     """Super-resolution by condition inversion + joint sampling: OUT/<name>.png and OUT/<name>.json."""
     from zoomldm.diffusion.joint import JointConfig
     from zoomldm.sampling import denoisers as dn
-    from zoomldm.sampling.io import from_uint8, pending_inputs, read_png, write_json, write_png
+    from zoomldm.sampling.io import from_uint8, pending_inputs, read_lr_images, write_json, write_png
     from zoomldm.sampling.sr import super_resolve, to_uint8
     cfg = _config(config_path)
     src, sc, lc = cfg.sample.sr, cfg.sample, cfg.sample.large
@@ -399,15 +399,7 @@ def sr(ckpt, lr_paths, grid, vq_path, inversion_steps, inner_steps, constraint, 
         return
     dev = resolve_device(_pick(device, sc.device))
     m = dn.load_zoomldm(ckpt, dev, vq_path=vq_path)
-    images = {}
-    for p, _ in todo:                              # check every input before the first (slow) inversion
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"--lr {p}: no such file")
-        img = read_png(p)
-        if img.shape[:2] != (m.patch_px, m.patch_px):
-            raise ValueError(f"--lr {p}: image is {img.shape[1]}x{img.shape[0]} px; the model's LR input must be "
-                             f"{m.patch_px}x{m.patch_px} (one patch at {guide.name})")
-        images[p] = img
+    images = read_lr_images([p for p, _ in todo], m.patch_px, grid, mag=guide.name)
     jcfg = JointConfig(steps=lc.steps, inner_steps=_pick(inner_steps, src.inner_steps), h=lc.h, lr=lc.lr,
                        guidance_w=lc.guidance_w, patch_batch=lc.patch_batch, constraint=constraint)
     amp = dn.amp_dtype(dev, _pick(precision, sc.precision), "sr")

@@ -30,20 +30,29 @@ log = logging.getLogger("zoomldm.sample")
 METHODS = ("bicubic", "ldm_sr", "controlnet")
 
 
-def _load_ldm_sr(path: str, device, vq_path: str | None):
-    """(LDMSR (EMA when present), VQ) from a `train ldm-sr` model.safetensors."""
-    from zoomldm.models.checkpoint import config_from_dict, load_vq, read_checkpoint
+def _load_trained(path: str, kind: str, component: str, config_cls, model_cls, device):
+    """(model, checkpoint): `component` (its EMA copy when saved) of a `zoomldm train <kind>`
+    model.safetensors, built and checked; --method <component> is the baseline that needs it."""
+    from zoomldm.models.checkpoint import config_from_dict, read_checkpoint
     from zoomldm.models.errors import build_checked
-    from zoomldm.models.sr_baselines import LDMSR, LDMSRConfig
     from zoomldm.sampling.denoisers import CheckpointKindError
     ckpt = read_checkpoint(path)
-    if ckpt.kind != "ldm-sr" or "ldm_sr" not in ckpt.components:
+    if ckpt.kind != kind or component not in ckpt.components:
         raise CheckpointKindError(f"--ckpt {path} is a {ckpt.kind} checkpoint (components: "
-                                  f"{', '.join(ckpt.components)}); --method ldm_sr needs a `zoomldm train ldm-sr` "
-                                  f"model.safetensors")
-    name = "ldm_sr_ema" if "ldm_sr_ema" in ckpt.components else "ldm_sr"
-    cfg = config_from_dict(LDMSRConfig, ckpt.configs[name])
-    model = build_checked(lambda: LDMSR(cfg), ckpt.state_dicts[name], f"{name} in {path}", device)
+                                  f"{', '.join(ckpt.components)}); --method {component} needs a "
+                                  f"`zoomldm train {kind}` model.safetensors")
+    name = f"{component}_ema" if f"{component}_ema" in ckpt.components else component
+    cfg = config_from_dict(config_cls, ckpt.configs[name])
+    model = build_checked(lambda: model_cls(cfg), ckpt.state_dicts[name], f"{name} in {path}", device)
+    return model, ckpt
+
+
+def _load_ldm_sr(path: str, device, vq_path: str | None):
+    """(LDMSR (EMA when present), VQ) from a `train ldm-sr` model.safetensors."""
+    from zoomldm.models.checkpoint import load_vq
+    from zoomldm.models.sr_baselines import LDMSR, LDMSRConfig
+    from zoomldm.sampling.denoisers import CheckpointKindError
+    model, ckpt = _load_trained(path, "ldm-sr", "ldm_sr", LDMSRConfig, LDMSR, device)
     if vq_path is not None:
         vq = load_vq(vq_path, device)
     elif "vq" in ckpt.components:
@@ -55,41 +64,14 @@ def _load_ldm_sr(path: str, device, vq_path: str | None):
 
 def _load_controlnet(path: str, zoomldm: str | None, device):
     """(ControlNet (EMA when present), the frozen ZoomLDM it was trained on)."""
-    from zoomldm.models.checkpoint import config_from_dict, read_checkpoint
-    from zoomldm.models.errors import build_checked
     from zoomldm.models.sr_baselines import ControlNet, ControlNetConfig
-    from zoomldm.sampling.denoisers import CheckpointKindError, load_zoomldm
+    from zoomldm.sampling.denoisers import load_zoomldm
     if zoomldm is None:
         raise ValueError("--method controlnet needs --zoomldm (the ZoomLDM model.safetensors it was trained on)")
-    ckpt = read_checkpoint(path)
-    if ckpt.kind != "controlnet" or "controlnet" not in ckpt.components:
-        raise CheckpointKindError(f"--ckpt {path} is a {ckpt.kind} checkpoint (components: "
-                                  f"{', '.join(ckpt.components)}); --method controlnet needs a `zoomldm train "
-                                  f"controlnet` model.safetensors")
-    name = "controlnet_ema" if "controlnet_ema" in ckpt.components else "controlnet"
-    cfg = config_from_dict(ControlNetConfig, ckpt.configs[name])
-    control = build_checked(lambda: ControlNet(cfg), ckpt.state_dicts[name], f"{name} in {path}", device)
+    control, _ = _load_trained(path, "controlnet", "controlnet", ControlNetConfig, ControlNet, device)
     m = load_zoomldm(zoomldm, device)
     control.check_base(m.unet, zoomldm)
     return control, m
-
-
-def _read_lr(paths, patch_px: int | None, grid: int) -> dict:
-    from zoomldm.sampling.io import read_png
-    images = {}
-    for p in paths:                              # check every input before the first (slow) sample
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"--lr {p}: no such file")
-        img = read_png(p)
-        h, w = img.shape[:2]
-        if patch_px is not None and (h, w) != (patch_px, patch_px):
-            raise ValueError(f"--lr {p}: image is {w}x{h} px; the LR input must be {patch_px}x{patch_px} "
-                             f"(one region at the magnification spanning {grid}x{grid} base patches)")
-        if h != w or h % grid:
-            raise ValueError(f"--lr {p}: image is {w}x{h} px; it must be square with a side divisible by "
-                             f"--grid {grid}")
-        images[p] = img
-    return images
 
 
 @click.command("sr-baseline")
@@ -124,7 +106,7 @@ def sr_baseline(method, ckpt, zoomldm_ckpt, vq_path, lr_paths, grid, steps, patc
     from zoomldm.metrics.sr import psnr
     from zoomldm.models.sr_baselines import bicubic_sr, controlled_eps, null_context, sample_sr_image
     from zoomldm.sampling import denoisers as dn
-    from zoomldm.sampling.io import from_uint8, pending_inputs, write_json, write_png
+    from zoomldm.sampling.io import from_uint8, pending_inputs, read_lr_images, write_json, write_png
     from zoomldm.sampling.sr import to_uint8
     cfg = load_config(config_path) if config_path else Config()
     sc = cfg.sample
@@ -167,7 +149,7 @@ def sr_baseline(method, ckpt, zoomldm_ckpt, vq_path, lr_paths, grid, steps, patc
         grid = model_grid or sc.sr.grid
     elif model_grid is not None and grid != model_grid:
         raise ValueError(f"--grid {grid}: {ckpt} was trained for {model_grid}x super-resolution")
-    images = _read_lr([p for p, _ in todo], patch_px, grid)
+    images = read_lr_images([p for p, _ in todo], patch_px, grid, split=True)
     schedule = Schedule.scaled_linear()
     for p, name in todo:
         start = time.perf_counter()

@@ -67,6 +67,30 @@ def read_png(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def read_lr_images(paths, patch_px: int | None, grid: int, *, mag: str | None = None,
+                   split: bool = False) -> dict[str, np.ndarray]:
+    """The LR inputs of `sample sr` / `sample sr-baseline` as {path: uint8 (H, W, 3)}, all checked before
+    the first (slow) sample, each failure one line naming the --lr file: it exists; it is patch_px x
+    patch_px when patch_px is known (one region spanning grid x grid base patches, at `mag` if given);
+    with `split` (the baselines cut it into grid x grid LR tiles), it is square with a side divisible by
+    grid."""
+    images = {}
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"--lr {p}: no such file")
+        img = read_png(p)
+        h, w = img.shape[:2]
+        if patch_px is not None and (h, w) != (patch_px, patch_px):
+            at = f"at {mag}" if mag else "at the magnification"
+            raise ValueError(f"--lr {p}: image is {w}x{h} px; the LR input must be {patch_px}x{patch_px} "
+                             f"(one region {at} spanning {grid}x{grid} base patches)")
+        if split and (h != w or h % grid):
+            raise ValueError(f"--lr {p}: image is {w}x{h} px; it must be square with a side divisible by "
+                             f"--grid {grid}")
+        images[p] = img
+    return images
+
+
 def item_done(out: Path, name: str | int) -> bool:
     """Whether `<out>/<name>.json` (written after the image) exists."""
     return (Path(out) / f"{name}.json").is_file()
