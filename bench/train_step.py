@@ -21,29 +21,22 @@ from zoomldm.models.summarizer import SUMMARIZER_PRESETS, Summarizer
 from zoomldm.models.unet import UNET_PRESETS, UNet
 
 
-def main() -> None:
+def measure(preset: str, batch: int, steps: int = 20, warmup: int = 3, compile: bool = False) -> dict:
+    """Samples/s of UNet + Summarizer training steps (forward, backward, AdamW) on random data of the real
+    shapes; bf16 autocast on CUDA, fp32 on CPU."""
     cuda = torch.cuda.is_available()
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="paper" if cuda else "small", choices=["paper", "small"])
-    ap.add_argument("--batch", type=int, default=64 if cuda else 8)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--compile", action="store_true")
-    args = ap.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-
-    summ_cfg = SUMMARIZER_PRESETS[args.preset]
-    unet_cfg = dataclasses.replace(UNET_PRESETS[args.preset], context_dim=summ_cfg.hidden_dim)
+    summ_cfg = SUMMARIZER_PRESETS[preset]
+    unet_cfg = dataclasses.replace(UNET_PRESETS[preset], context_dim=summ_cfg.hidden_dim)
     unet = UNet(unet_cfg).to(device, memory_format=torch.channels_last)
     summ = Summarizer(summ_cfg).to(device)
     params = [*unet.parameters(), *summ.parameters()]
     opt = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.01, fused=cuda)
     schedule = Schedule.scaled_linear()
-    fwd = torch.compile(unet) if args.compile else unet
-    side = unet_cfg.image_size
-    n = args.batch
+    fwd = torch.compile(unet) if compile else unet
+    side, n = unet_cfg.image_size, batch
 
     def step() -> torch.Tensor:
         x0 = torch.randn(n, 3, side, side, device=device).contiguous(memory_format=torch.channels_last)
@@ -59,21 +52,34 @@ def main() -> None:
         opt.step()
         return loss
 
-    for _ in range(args.warmup):
+    for _ in range(warmup):
         step()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         step()
     if cuda:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else "n/a"
+    return {"samples_per_s": n * steps / dt, "batch": n, "precision": "bf16" if cuda else "fp32",
+            "compile": compile, "peak": f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else "n/a"}
+
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="paper" if cuda else "small", choices=["paper", "small"])
+    ap.add_argument("--batch", type=int, default=64 if cuda else 8)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", action="store_true")
+    args = ap.parse_args()
+    r = measure(args.preset, args.batch, args.steps, args.warmup, args.compile)
     card = torch.cuda.get_device_name() if cuda else "CPU (small preset, fp32: smoke test only)"
-    print(f"| train step | {card} | {args.preset} | batch {n} | {'bf16' if cuda else 'fp32'}"
-          f"{' + compile' if args.compile else ''} | {n * args.steps / dt:,.1f} samples/s | peak {peak} |")
+    print(f"| train step | {card} | {args.preset} | batch {r['batch']} | {r['precision']}"
+          f"{' + compile' if args.compile else ''} | {r['samples_per_s']:,.1f} samples/s | peak {r['peak']} |")
 
 
 if __name__ == "__main__":

@@ -290,15 +290,19 @@ def test_panorama_window_average_equals_a_canvas_ddim_step():
 # ---------------------------------------------------------------------------------------------------------
 # super-resolution and bad input
 
-def test_large_latent_cut_is_a_config_choice(env, tmp_path):
-    """--constraint-mode latent (issue #8's cut): no VQ pass inside the loop, same seeds and guide as the
-    reference, the half-stride decode when asked; the JSON says which algorithm ran."""
+def test_large_linear_cut_is_a_config_choice(env, tmp_path):
+    """--constraint-mode linear (issue #8's cut): 1 VQ decode per inner iteration and patch, no encode and no
+    extra model call, same seeds and guide as the reference, the half-stride decode when asked; the JSON says
+    which algorithm ran."""
     base = ["large", "--config", env["config"], "--ckpt", env["ckpt"], "--grid", 4, "--no-progress"]
     ok(run(*base, "--out", tmp_path / "ref"))
-    ok(run(*base, "--out", tmp_path / "cut", "--constraint-mode", "latent", "--decode-stride", 2))
+    ok(run(*base, "--out", tmp_path / "cut", "--constraint-mode", "linear", "--decode-stride", 2))
     ref, cut = (json.loads((tmp_path / d / "0.json").read_text()) for d in ("ref", "cut"))
-    assert ref["constraint_mode"] == "reference" and cut["constraint_mode"] == "latent"
-    assert cut["joint_vq_encodes"] == 0 and cut["joint_vq_decodes"] == 0 < ref["joint_vq_decodes"]
+    assert ref["constraint_mode"] == "reference" and cut["constraint_mode"] == "linear"
+    n, k, steps = 16, ref["inner_steps"], ref["steps"]
+    assert cut["joint_vq_encodes"] == 0 and cut["joint_vq_decodes"] == steps * (1 + n * k)
+    assert ref["joint_vq_encodes"] == 2 * steps * n * k and ref["joint_vq_decodes"] == steps * (1 + n * k)
+    assert cut["joint_unet_forwards"] == steps * 2 * (1 + n) < ref["joint_unet_forwards"]
     assert cut["decode_stride"] == 2 and cut["blend_vq_decodes"] < ref["blend_vq_decodes"]
     guides = [np.asarray(Image.open(tmp_path / d / "0_guide.png")) for d in ("ref", "cut")]
     np.testing.assert_array_equal(*guides)                     # the guide is never corrected: same in both

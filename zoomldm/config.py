@@ -208,13 +208,12 @@ class LargeSampleConfig:
     lr: float = 0.5                          # constraint update size
     guidance_w: float = 2.0                  # CFG in the form (1 + w) ε_c − w ε_u (standard scale 1 + w)
     patch_batch: int = 16                    # base patches per UNet/VQ batch
-    # The cut of issue #8 (zoomldm/diffusion/joint_fast.py): "reference" = the official algorithm (VQ decode and
-    # encode in every inner iteration); "latent" = the residual in latent space (no VQ pass in the loop), plus
-    # `pixel_steps` reference iterations per outer step (hybrid). decode_stride: blended-decode stride in
-    # latents (null = window/4, official; window/2 = 961 instead of 3,721 decodes per 4096² image).
-    constraint_mode: Literal["reference", "latent"] = "reference"
-    direction: Literal["direct", "jvp"] = "direct"
-    pixel_steps: int = 0
+    # The cut of issue #8 (zoomldm/diffusion/joint_fast.py): "reference" = the official algorithm (1 VQ decode,
+    # 2 encodes and 2 CFG calls per inner iteration); "linear" = the same residual with a fitted linear encoder
+    # for the direction and ε held fixed (1 decode, no model call per inner iteration). decode_stride:
+    # blended-decode stride in latents (null = window/4, official; window/2 = 961 instead of 3,721 decodes
+    # per 4096² image).
+    constraint_mode: Literal["reference", "linear"] = "reference"
     decode_stride: int | None = None
     unconstrained: bool = True               # also sample the constraint-off variant on the same seeds
     graikos: bool = True                     # Graikos et al. panoramas of the same regions
@@ -244,6 +243,11 @@ class SampleConfig:
     # UNet autocast on CUDA. auto: bf16 for patch sets, fp16 for joint sampling (finite differences), fp32 for
     # SR (back-propagation); the VQ always runs in fp32; CPU always fp32.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # CUDA fast path (issue #8; ignored on CPU): channels-last always; torch.compile of the UNet (pays from a
+    # few hundred forwards on); VQ passes in bf16 (fp32 is the official choice and what the reference joint
+    # sampler's finite differences through the encoder need).
+    compile: bool = False
+    vq_precision: Literal["fp32", "bf16"] = "fp32"
     patches: PatchSampleConfig = field(default_factory=PatchSampleConfig)
     large: LargeSampleConfig = field(default_factory=LargeSampleConfig)
     sr: SRSampleConfig = field(default_factory=SRSampleConfig)
@@ -377,7 +381,6 @@ class Config:
                        ("sr.baseline_steps", s.sr.baseline_steps)]:
             _check(v >= 1, f"sample.{key}", "must be ≥ 1")
         _check(lg.inner_steps >= 0 and s.sr.inner_steps >= 0, "sample.large.inner_steps", "must be ≥ 0")
-        _check(lg.pixel_steps >= 0, "sample.large.pixel_steps", "must be ≥ 0")
         _check(lg.decode_stride is None or lg.decode_stride >= 1, "sample.large.decode_stride", "must be ≥ 1")
         _check(p.cfg_scale >= 0, "sample.patches.cfg_scale", "must be ≥ 0")
         _check(0 <= lg.graikos_eta <= 1, "sample.large.graikos_eta", "must lie in [0, 1]")

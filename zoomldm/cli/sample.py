@@ -127,6 +127,7 @@ def _sample_patch_shards(shards, todo, ckpt, cond, cdm_ckpt, vq_path, mag, cfg, 
     dev = resolve_device(device)
     graikos = read_checkpoint(ckpt).kind == "graikos"
     m = load_graikos(ckpt, dev, vq_path=vq_path) if graikos else dn.load_zoomldm(ckpt, dev, vq_path=vq_path)
+    dn.fast_path(m, cfg.sample.compile, cfg.sample.vq_precision)
     store = _store(cfg, config_path, store_path, required=cond == "store")
     ladder = store.ladder if store is not None else cfg.dataset.ladder
     mg = mags.find(ladder, mag)
@@ -220,16 +221,14 @@ def _large_options(f):
 @click.option("--inner-steps", type=click.IntRange(min=0), default=None, help="[sample.large.inner_steps]")
 @click.option("--guidance-w", type=float, default=None, help="w of (1+w)ε_c − wε_u [sample.large.guidance_w].")
 @click.option("--patch-batch", type=click.IntRange(min=1), default=None, help="[sample.large.patch_batch]")
-@click.option("--constraint-mode", type=click.Choice(["reference", "latent"]), default=None,
-              help="reference: the official algorithm; latent: the cut (no VQ pass in the inner loop) "
-                   "[sample.large.constraint_mode].")
-@click.option("--pixel-steps", type=click.IntRange(min=0), default=None,
-              help="latent mode: reference iterations after the latent ones [sample.large.pixel_steps].")
+@click.option("--constraint-mode", type=click.Choice(["reference", "linear"]), default=None,
+              help="reference: the official algorithm; linear: the cut (1 VQ decode and no model call per "
+                   "inner iteration) [sample.large.constraint_mode].")
 @click.option("--decode-stride", type=click.IntRange(min=1), default=None,
               help="Blended-decode stride in latents [sample.large.decode_stride; default window/4].")
 @_common
 def large(ckpt, cond, cdm_ckpt, vq_path, grid, n, window_batch, shard, num_shards, constraint, steps, inner_steps,
-          guidance_w, patch_batch, constraint_mode, pixel_steps, decode_stride, out, config_path, store_path, seed,
+          guidance_w, patch_batch, constraint_mode, decode_stride, out, config_path, store_path, seed,
           device, precision, progress) -> None:
     """Large images by joint multi-scale sampling: OUT/<i>.png, OUT/<i>_guide.png and OUT/<i>.json."""
     import torch
@@ -251,10 +250,9 @@ def large(ckpt, cond, cdm_ckpt, vq_path, grid, n, window_batch, shard, num_shard
     jcfg = FastJointConfig(steps=_pick(steps, lc.steps), inner_steps=_pick(inner_steps, lc.inner_steps), h=lc.h,
                            lr=lc.lr, constraint=constraint, guidance_w=_pick(guidance_w, lc.guidance_w),
                            patch_batch=_pick(patch_batch, lc.patch_batch),
-                           constraint_mode=_pick(constraint_mode, lc.constraint_mode), direction=lc.direction,
-                           pixel_steps=_pick(pixel_steps, lc.pixel_steps))
+                           constraint_mode=_pick(constraint_mode, lc.constraint_mode))
     dev = resolve_device(_pick(device, sc.device))
-    m = dn.load_zoomldm(ckpt, dev, vq_path=vq_path)
+    m = dn.fast_path(dn.load_zoomldm(ckpt, dev, vq_path=vq_path), sc.compile, sc.vq_precision)
     if guide.index >= m.summarizer.config.mag_levels:
         raise ValueError(f"--grid {grid}: the model knows {m.summarizer.config.mag_levels} magnifications, "
                          f"not {guide.name}")
@@ -268,12 +266,16 @@ def large(ckpt, cond, cdm_ckpt, vq_path, grid, n, window_batch, shard, num_shard
         cdm = dn.load_cdm(cdm_ckpt, dev)
         dn.check_cdm_fits(cdm, m, guide.index)
     cdm_steps = cfg.sample.patches.cdm_steps
+    linear_vq = None
+    if constraint and jcfg.constraint_mode == "linear":
+        linear_vq = dn.linear_vq_for(m, store)
+        log.info("linear VQ fitted (relative errors %s)", {k: round(v, 3) for k, v in linear_vq.fit_error.items()})
     for i in todo:
         with torch.no_grad(), dn.autocast(dev, _pick(precision, sc.precision), "joint"):
             guide_ctx, patch_ctx, source = large_conditions(m, i, grid, guide, seed, lookup, cdm, cdm_steps)
             item = sample_large(m, i, grid, guide, seed, jcfg, guide_ctx, patch_ctx,
                                 _pick(window_batch, lc.window_batch), progress,
-                                decode_stride=_pick(decode_stride, lc.decode_stride))
+                                decode_stride=_pick(decode_stride, lc.decode_stride), linear_vq=linear_vq)
         item.record.update(cond=cond, source=source, model=str(ckpt), device=str(dev))
         write_png(Path(out) / f"{i}_guide.png", item.guide)
         write_png(Path(out) / f"{i}.png", item.image)

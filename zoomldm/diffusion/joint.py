@@ -200,24 +200,9 @@ def joint_multiscale_sample(eps_fn: JointEpsFn, encode: ImageFn, decode: ImageFn
     callback: called after each outer step with dict(i, t, x_guide, x_patches, guide_image).
     """
     n = grid * grid
-    if x_patches.ndim != 4 or x_patches.shape[0] != n:
-        raise ValueError(f"joint_multiscale_sample: x_patches must be ({n}, c, h, w) for grid {grid}, "
-                         f"got {tuple(x_patches.shape)}")
+    check_inputs("joint_multiscale_sample", schedule, x_guide, x_patches, grid, cfg, noise_fn, guide_image)
     fixed_guide = guide_image is not None
-    if not fixed_guide and (x_guide is None or x_guide.shape[0] != 1):
-        raise ValueError("joint_multiscale_sample: x_guide must be (1, c, h, w) unless guide_image is given")
-    if fixed_guide and (guide_image.ndim != 4 or guide_image.shape[0] != 1):
-        raise ValueError(f"joint_multiscale_sample: guide_image must be (1, 3, H, W), "
-                         f"got {tuple(guide_image.shape)}")
-    if cfg.stochastic and noise_fn is None:
-        raise ValueError("joint_multiscale_sample: cfg.stochastic needs noise_fn, e.g. "
-                         "step_noise_fn(seed, range(1 + grid * grid))")
-    if cfg.t0 > schedule.T:
-        raise ValueError(f"joint_multiscale_sample: t0 {cfg.t0} exceeds the schedule's T {schedule.T}")
     noise_shape = (1 + n, *x_patches.shape[1:])
-    if not fixed_guide and x_guide.shape[1:] != x_patches.shape[1:] and cfg.stochastic:
-        raise ValueError("joint_multiscale_sample: guide and patch latents must have the same shape "
-                         "(one noise_fn draws both)")
 
     fpc = cfg.forwards_per_call
     unet = dec = enc = 0
@@ -264,6 +249,26 @@ def joint_multiscale_sample(eps_fn: JointEpsFn, encode: ImageFn, decode: ImageFn
                                                 cfg.patch_batch)
     return JointResult(guide_latent=x_g, patch_latents=x_p, guide_image=image_g, unet_forwards=unet,
                        vq_decodes=dec, vq_encodes=enc, final_vq_decodes=final_dec, consistency_mae=mae)
+
+
+def check_inputs(name: str, schedule: Schedule, x_guide: Tensor | None, x_patches: Tensor, grid: int,
+                 cfg: JointConfig, noise_fn: NoiseFn | None, guide_image: Tensor | None) -> None:
+    """The argument checks every joint sampler makes (one ValueError line each, prefixed with its name)."""
+    n = grid * grid
+    if x_patches.ndim != 4 or x_patches.shape[0] != n:
+        raise ValueError(f"{name}: x_patches must be ({n}, c, h, w) for grid {grid}, "
+                         f"got {tuple(x_patches.shape)}")
+    fixed_guide = guide_image is not None
+    if not fixed_guide and (x_guide is None or x_guide.shape[0] != 1):
+        raise ValueError(f"{name}: x_guide must be (1, c, h, w) unless guide_image is given")
+    if fixed_guide and (guide_image.ndim != 4 or guide_image.shape[0] != 1):
+        raise ValueError(f"{name}: guide_image must be (1, 3, H, W), got {tuple(guide_image.shape)}")
+    if cfg.stochastic and noise_fn is None:
+        raise ValueError(f"{name}: cfg.stochastic needs noise_fn, e.g. step_noise_fn(seed, range(1 + grid * grid))")
+    if cfg.t0 > schedule.T:
+        raise ValueError(f"{name}: t0 {cfg.t0} exceeds the schedule's T {schedule.T}")
+    if not fixed_guide and x_guide.shape[1:] != x_patches.shape[1:] and cfg.stochastic:
+        raise ValueError(f"{name}: guide and patch latents must have the same shape (one noise_fn draws both)")
 
 
 def pixel_iteration(eps_fn: JointEpsFn, encode: ImageFn, decode: ImageFn, step: "_Step", x: Tensor, x0: Tensor,

@@ -79,16 +79,27 @@ class LatentModel:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    unet_fn = None                      # set by `fast_path`: the compiled UNet
+    vq_dtype: torch.dtype | None = None  # set by `fast_path`: VQ autocast dtype (None: float32)
+
     def model_fn(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         self.counter.unet += x.shape[0]
-        return self.unet(x, t, context)
+        return (self.unet if self.unet_fn is None else self.unet_fn)(x, t, context)   # a compiled module has no bool()
+
+    def _vq_autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.vq_dtype or torch.float32, enabled=self.vq_dtype is not None)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """VQ decode with codebook quantisation (official decode_first_stage), clamped to [-1, 1]; float32 even
-        inside autocast (the joint sampler takes finite differences through the VQ)."""
+        inside autocast (the joint sampler takes finite differences through the VQ) unless `fast_path` set
+        vq_dtype; the result is float32 either way."""
         self.counter.vq_decode += latent.shape[0]
-        with torch.autocast(latent.device.type, enabled=False):
-            return self.vq.decode(latent.float(), quantize=True).clamp(-1, 1)
+        latent, quantize = latent.float(), True
+        if self.vq_dtype is not None:                   # the codebook search stays float32
+            with torch.autocast(latent.device.type, enabled=False):
+                latent, quantize = self.vq.quantize(latent)[0], False
+        with self._vq_autocast(latent.device):
+            return self.vq.decode(latent, quantize=quantize).float().clamp(-1, 1)
 
 
 @dataclass
@@ -105,8 +116,8 @@ class ZoomLDM(LatentModel):
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """VQ encode (pre-quantisation latent), float32 even inside autocast."""
         self.counter.vq_encode += image.shape[0]
-        with torch.autocast(image.device.type, enabled=False):
-            return self.vq.encode(image.float())
+        with self._vq_autocast(image.device):
+            return self.vq.encode(image.float()).float()
 
 
 def _kind_error(path: Path, ckpt: Checkpoint, want: str) -> CheckpointKindError:
@@ -165,6 +176,45 @@ def check_cdm_fits(cdm: ConditionDiT, m: ZoomLDM, mag_index: int) -> None:
                                   f"{m.path} cross-attends to {m.unet.config.context_dim}-wide ones")
     if not 0 <= mag_index < cdm.config.mag_levels:
         raise ValueError(f"--cdm-ckpt knows {cdm.config.mag_levels} magnifications; index {mag_index} is outside")
+
+
+def fast_path(m: LatentModel, compile: bool = False, vq_precision: str = "fp32") -> LatentModel:
+    """The CUDA fast path of issue #8 on a loaded model, in place: channels-last UNet and VQ, optionally
+    torch.compile of the UNet forward (the VQ stays eager: the samplers call it at many batch sizes, each a
+    recompile), VQ passes in bf16 (`vq_precision`). No-op on CPU (nothing there is faster for it). Results
+    change only by the rounding of the chosen precisions."""
+    if vq_precision not in ("fp32", "bf16"):
+        raise ValueError(f"vq_precision must be fp32 or bf16, got {vq_precision!r}")
+    if m.device.type != "cuda":
+        return m
+    m.unet.to(memory_format=torch.channels_last)
+    m.vq.to(memory_format=torch.channels_last)
+    m.vq_dtype = torch.bfloat16 if vq_precision == "bf16" else None
+    if compile:
+        m.unet_fn = torch.compile(m.unet)
+    return m
+
+
+@torch.no_grad()
+def linear_vq_for(m: ZoomLDM, store=None, n: int = 64, seed: int = 0):
+    """The fitted linear VQ of the `linear` joint constraint (zoomldm.diffusion.surrogate) for model m: fitted
+    on n base-magnification latents of the store (a fixed random pick), or, without a store or its latents, on
+    latents of random codebook entries (a weaker fit; logged)."""
+    from zoomldm.diffusion.surrogate import fit_linear_vq
+    h, gen = m.latent_side, torch.Generator().manual_seed(seed)
+    table = store.table(store.magnifications[0].name) if store is not None else None
+    if table is not None and table.has("latents"):
+        rows = torch.randperm(len(table), generator=gen)[:n].tolist()
+        latents = torch.from_numpy(np.stack([np.asarray(table.get("latents", r)) for r in rows])).float()
+        if latents.shape[-1] != h:
+            raise ValueError(f"{store.root}: its latents are {latents.shape[-1]}x{latents.shape[-1]}, the model's "
+                             f"{h}x{h}")
+    else:
+        log.warning("linear constraint: no store latents, fitting the linear VQ on random codebook latents")
+        codebook = m.vq.quantize.embedding.weight.detach().float().cpu()          # (n_embed, c)
+        codes = torch.randint(0, codebook.shape[0], (n, h, h), generator=gen)
+        latents = codebook[codes].permute(0, 3, 1, 2).contiguous()               # (n, c, h, h)
+    return fit_linear_vq(latents.to(m.device), m.decode, m.encode)
 
 
 # UNet autocast dtype per task on CUDA for precision "auto". Patch sets: bf16. Joint sampling: fp16, the

@@ -69,9 +69,10 @@ def large_conditions(m: dn.ZoomLDM, i: int, grid: int, guide_mag, seed: int, loo
 @torch.no_grad()
 def sample_large(m: dn.ZoomLDM, i: int, grid: int, guide_mag, seed: int, jcfg: JointConfig,
                  guide_ctx: torch.Tensor, patch_ctx: torch.Tensor, window_batch: int = 16,
-                 progress: bool = False, decode_stride: int | None = None) -> LargeImage:
+                 progress: bool = False, decode_stride: int | None = None, linear_vq=None) -> LargeImage:
     """Image i by joint multi-scale sampling (zoomldm.diffusion.joint, or the cut of joint_fast when jcfg is a
-    FastJointConfig in latent mode) + Gaussian-blended decoding (stride decode_stride, default window/4)."""
+    FastJointConfig in linear mode, which needs `linear_vq`: `denoisers.linear_vq_for`) + Gaussian-blended
+    decoding (stride decode_stride, default window/4)."""
     start = time.perf_counter()
     m.counter = dn.Counter()
     c, h = m.unet.config.in_channels, m.latent_side
@@ -80,7 +81,7 @@ def sample_large(m: dn.ZoomLDM, i: int, grid: int, guide_mag, seed: int, jcfg: J
     noise_fn = step_noise_fn(base, range(1 + grid * grid), m.device) if jcfg.stochastic else None
     eps_fn = dn.joint_eps_fn(m, guide_ctx.to(m.device), patch_ctx.to(m.device), jcfg.guidance_w)
     res = joint_sample(eps_fn, m.encode, m.decode, m.schedule, x[:1], x[1:], grid, jcfg, noise_fn=noise_fn,
-                       progress=progress)
+                       progress=progress, linear_vq=linear_vq)
     stride = decode_stride or max(1, h // 4)
     image_t, n_windows = decode_large(assemble(res.patch_latents, grid), m.decode, window=h, stride=stride,
                                       batch=window_batch, return_count=True)
@@ -92,7 +93,7 @@ def sample_large(m: dn.ZoomLDM, i: int, grid: int, guide_mag, seed: int, jcfg: J
         "image_consistency_mae": image_consistency_mae(image, guide), "seconds": seconds,
         "steps": jcfg.steps, "inner_steps": jcfg.inner_steps if jcfg.constraint else 0,
         "guidance_w": jcfg.guidance_w, "constraint_mode": getattr(jcfg, "constraint_mode", "reference"),
-        "pixel_steps": getattr(jcfg, "pixel_steps", 0), "decode_stride": stride,
+        "decode_stride": stride,
         # Work per image: the sampler's own counters (loop) plus the final/blend decodes, and the wrappers'
         # totals (every UNet sample-forward and VQ pass this image caused).
         "joint_unet_forwards": res.unet_forwards, "joint_vq_decodes": res.vq_decodes,

@@ -1,0 +1,268 @@
+"""Every GPU number of issues 3, 4, 5 and 8 in one command, one table (run it on a lent H100/H200):
+
+    PYTHONUNBUFFERED=1 python bench/run_all.py --out $OUT        # paper preset, random weights, < 8 min
+    python bench/run_all.py --smoke                             # CPU plumbing check (small preset, seconds)
+
+Rows: ms per UNet sample-forward at batch 34 and 128 (bf16 autocast, channels-last, eager and torch.compile);
+ms per VQ decode of one patch (fp32, bf16); patch images/s at 50 DDIM steps + CFG (batch 64, compiled UNet,
+bf16 VQ decode); seconds per 1024² and 4096² image for the reference joint algorithm and for the linear cut
+(`constraint_mode: linear`), with their UNet sample-forwards and VQ passes; training samples/s (UNet +
+Summarizer, AdamW, bf16, batch 64). Random weights: time does not depend on them.
+
+The reference algorithm is timed on its first `--ref-steps` outer steps of a 1024² image and scaled to 20
+(every outer step does the same work), and its 4096² time is that per-patch cost × 257/17 (the work is linear
+in the patches); those rows say "extrapolated". The cut runs whole images. Each section checks the time
+budget (`--budget`, seconds) and is skipped, with a row saying so, when it would not fit. Results go to
+OUT/bench.json after every section (nothing lost if the run is cut short) and the table to OUT/table.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sample_large import PATCH_PX, build  # noqa: E402
+from unet_forward import PAPER_GFLOP, time_forward  # noqa: E402
+
+from zoomldm.diffusion import ddim_sample, randn_items, step_noise_fn  # noqa: E402
+from zoomldm.diffusion.blend import decode_large  # noqa: E402
+from zoomldm.diffusion.joint import assemble  # noqa: E402
+from zoomldm.diffusion.joint_fast import FastJointConfig, joint_sample  # noqa: E402
+from zoomldm.diffusion.surrogate import fit_linear_vq  # noqa: E402
+from zoomldm.models.summarizer import SUMMARIZER_PRESETS  # noqa: E402
+from zoomldm.sampling import denoisers as dn  # noqa: E402
+
+ROWS: list[dict] = []
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.start, self.seconds = time.perf_counter(), seconds
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def row(section: str, setting: str, value: str, note: str = "", out: Path | None = None, **extra) -> None:
+    ROWS.append(dict(section=section, setting=setting, value=value, note=note, **extra))
+    print(f"| {section} | {setting} | {value} | {note} |", flush=True)
+    if out is not None:
+        (out / "bench.json").write_text(json.dumps(ROWS, indent=1))
+
+
+# ------------------------------------------------------------------------------------------------ sections
+def unet_rows(m, device, batches, iters, out, compiled):
+    """Eager rows, or the compiled model's rows when `compiled` is given."""
+    side = m.unet.config.image_size
+    amp = device.type == "cuda"
+    for mode, fn in [("compile", compiled)] if compiled is not None else [("eager", m.unet)]:
+        for b in batches:
+            ms = time_forward(fn, b, side, device, amp, iters, 3)
+            tflops = PAPER_GFLOP * b / ms if side == 64 else float("nan")
+            row("UNet forward", f"batch {b}, {'bf16' if amp else 'fp32'}, {mode}", f"{ms / b:.3f} ms/sample",
+                f"{tflops:.0f} TFLOP/s" if side == 64 else "small preset", out, ms_per_sample=ms / b,
+                batch=b, mode=mode)
+
+
+def vq_rows(m, device, out):
+    h = m.latent_side
+    z = torch.randn(16, 3, h, h, device=device)
+    for prec in ("fp32", "bf16"):
+        m.vq_dtype = torch.bfloat16 if prec == "bf16" and device.type == "cuda" else None
+        m.decode(z)
+        _, s = timed(lambda: [m.decode(z) for _ in range(3)], device)
+        row("VQ decode", f"batch 16, {prec}", f"{s / 48 * 1e3:.2f} ms/patch", f"{m.patch_px}² px", out,
+            ms_per_patch=s / 48 * 1e3, precision=prec)
+
+
+def patch_rows(m, device, d, out, n=64, steps=50):
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randn(n, 65, d, generator=g).to(device)
+    m.vq_dtype = torch.bfloat16 if device.type == "cuda" else None
+
+    def run():
+        with dn.autocast(device, "auto", "patches"):
+            x_T = randn_items(0, range(n), (3, m.latent_side, m.latent_side), device)
+            lat = ddim_sample(dn.patch_eps_fn(m, ctx, 1.75), x_T, m.schedule, steps)
+            return m.decode(lat)
+    run()                                                                     # warm-up (and compile)
+    m.counter = dn.Counter()
+    _, s = timed(run, device)
+    row("patch sampling", f"{n} images, {steps} DDIM steps + CFG, bf16", f"{n / s:.1f} images/s",
+        f"{m.counter.unet:,} sample-forwards", out, images_per_s=n / s)
+
+
+def large_once(m, device, grid, cfg, linear_vq, stride, guide_ctx, patch_ctx, window_batch=64):
+    """(JointResult, seconds of joint sampling, seconds of the blended decode, counters) of image 0."""
+    m.counter = dn.Counter()
+    h = m.latent_side
+    base = dn.stream_seed(0, "large", grid, 0)
+    with dn.autocast(device, "bf16", "joint"):   # bf16 as the compiled UNet (fp16 in production: same speed)
+        def sample():
+            x = randn_items(base, range(1 + grid * grid), (3, h, h), device)
+            nf = step_noise_fn(base, range(1 + grid * grid), device)
+            eps_fn = dn.joint_eps_fn(m, guide_ctx, patch_ctx, cfg.guidance_w)
+            return joint_sample(eps_fn, m.encode, m.decode, m.schedule, x[:1], x[1:], grid, cfg, noise_fn=nf,
+                                linear_vq=linear_vq)
+        res, s_sample = timed(sample, device)
+        _, s_blend = timed(lambda: decode_large(assemble(res.patch_latents, grid), m.decode, window=h,
+                                                stride=stride, batch=window_batch), device)
+    return res, s_sample, s_blend, m.counter.as_dict()
+
+
+def large_rows(m, device, d, out, budget, smoke, ref_steps):
+    h = m.latent_side
+    g = torch.Generator().manual_seed(1)
+    ctx = {grid: (torch.randn(1, 65, d, generator=g).to(device),
+                  torch.randn(grid * grid, 65, d, generator=g).to(device)) for grid in (4, 16)}
+    big = 4 if smoke else 16
+    # reference: fp32 VQ (its finite differences through the encoder), patch batch 16 (official pattern),
+    # timed on its first ref_steps outer steps (t = 1000, 950, ... as in the full run)
+    m.vq_dtype = None
+    steps, k_ref = (2, 2) if smoke else (20, 10)
+    n_part = min(ref_steps, steps)
+    part = FastJointConfig(steps=n_part, inner_steps=k_ref, patch_batch=16)
+    res, s, s_blend, cnt = large_once(m, device, 4, part, None, max(1, h // 4), *ctx[4])
+    # part has stride 1000 / n_part; per outer step the work is the same whatever the stride
+    ref_1k = s / n_part * steps + s_blend
+    unet_full = cnt["unet_forwards"] // n_part * steps
+    row("large 1024²", f"reference (K = {k_ref}, {steps} steps, patch batch 16, fp32 VQ, stride {max(1, h // 4)})",
+        f"{ref_1k:.1f} s", f"extrapolated: {n_part} outer steps took {s:.1f} s (+ final decodes), blend "
+        f"{s_blend:.1f} s; ~{unet_full:,} UNet forwards", out, seconds=ref_1k, algo="reference", grid=4)
+    ref_4k = ref_1k * (1 + 16 * 16) / (1 + 4 * 4)
+    row("large 4096²", "reference (same)", f"{ref_4k:.0f} s", "extrapolated: 1024² time × 257/17", out,
+        seconds=ref_4k, algo="reference", grid=16)
+
+    # the cut: linear constraint, all patches in one batch, bf16 VQ, decode stride window/2
+    m.vq_dtype = torch.bfloat16 if device.type == "cuda" else None
+    t0 = time.perf_counter()
+    codebook = m.vq.quantize.embedding.weight.detach().float()
+    codes = torch.randint(0, codebook.shape[0], (64, h, h), generator=torch.Generator().manual_seed(0))
+    latents = codebook[codes.to(codebook.device)].permute(0, 3, 1, 2).contiguous()   # (64, c, h, h)
+    lin = fit_linear_vq(latents, m.decode, m.encode)
+    row("linear VQ fit", "64 latents, least squares", f"{time.perf_counter() - t0:.2f} s", "once per run", out)
+    plan = [(1, 4, True), (1, 4, False), (1, big, False), (2, 4, False), (2, big, False), (1, big, False)]
+    for k, grid, warm in plan:
+        if grid == 16 and budget.left() < 60:
+            row(f"large {grid * m.patch_px}²", f"linear K = {k}", "skipped", "time budget", out)
+            continue
+        n = grid * grid      # all patches in one batch (4096²: two of 128/129, to bound memory)
+        c = FastJointConfig(steps=2 if smoke else 20, inner_steps=k, patch_batch=n if n <= 64 else 129,
+                            constraint_mode="linear")
+        res, s, s_blend, cnt = large_once(m, device, grid, c, lin, max(1, h // 2), *ctx[grid])
+        if warm:
+            continue
+        row(f"large {grid * m.patch_px}²", f"linear K = {k} ({c.steps} steps, patch batch {c.patch_batch}, bf16 VQ, "
+            f"stride {max(1, h // 2)})", f"{s + s_blend:.1f} s",
+            f"sampling {s:.1f} s + blend {s_blend:.1f} s; {cnt['unet_forwards']:,} UNet, {cnt['vq_decodes']:,} VQ "
+            f"decodes, 0 encodes", out, seconds=s + s_blend, algo=f"linear-K{k}", grid=grid, **cnt)
+
+
+def train_rows(device, preset, out, batch=64, steps=10):
+    from train_step import measure
+    r = measure(preset, batch if device.type == "cuda" else 4, steps, 3, compile=False)
+    row("training", f"{preset} UNet + Summarizer, AdamW, batch {r['batch']}, {r['precision']}",
+        f"{r['samples_per_s']:.1f} samples/s", f"peak {r['peak']}", out, **r)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("bench_out"))
+    ap.add_argument("--budget", type=float, default=420.0, help="Seconds for all sections.")
+    ap.add_argument("--ref-steps", type=int, default=4, help="Outer steps of the timed reference run.")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--only", nargs="+", default=None, help="Run only these sections (names as in the table).")
+    ap.add_argument("--smoke", action="store_true", help="CPU plumbing check: small preset, tiny sizes.")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda" if cuda else "cpu")
+    preset = "small" if args.smoke else "paper"
+    if args.smoke:
+        torch.set_num_threads(1)
+    budget = Budget(args.budget)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    card = torch.cuda.get_device_name() if cuda else "CPU (smoke check, not a performance number)"
+    print(f"# bench/run_all.py on {card}, torch {torch.__version__}, preset {preset}\n")
+    print("| section | setting | value | note |\n|---|---|---|---|")
+    row("machine", card, torch.__version__, "", args.out)
+    torch.manual_seed(0)
+    with torch.device(device):
+        m = build(preset, device, count_only=False)
+    d = SUMMARIZER_PRESETS[preset].hidden_dim
+    m.unet = m.unet.to(memory_format=torch.channels_last).eval()
+    m.vq = m.vq.to(memory_format=torch.channels_last).eval()
+    compiled = None
+    sections = [
+        ("UNet eager", 20, lambda: unet_rows(m, device, [34, 128] if cuda else [2], 20 if cuda else 2, args.out,
+                                             None)),
+        ("UNet compile", 200, lambda: compile_and_time()),
+        ("VQ", 20, lambda: vq_rows(m, device, args.out)),
+        ("patches", 40, lambda: patch_rows(m, device, d, args.out, *((64, 50) if cuda else (2, 5)))),
+        ("large", 120, lambda: large_rows(m, device, d, args.out, budget, args.smoke, args.ref_steps)),
+        ("training", 40, lambda: (free_sampling(), train_rows(device, preset, args.out))),
+    ]
+
+    def compile_and_time():
+        nonlocal compiled
+        if args.no_compile or not cuda:
+            row("UNet forward", "compile", "skipped", "--no-compile" if cuda else "CPU", args.out)
+            return
+        compiled = torch.compile(m.unet, dynamic=True)    # one compile for every batch size the samplers use
+        t0 = time.perf_counter()
+        unet_rows(m, device, [128, 34], 20, args.out, compiled)
+        row("UNet forward", "torch.compile(dynamic=True) wall time, compile included",
+            f"{time.perf_counter() - t0:.0f} s", "", args.out)
+        m.unet_fn = compiled
+
+    def free_sampling():
+        m.unet_fn = None
+        for attr in ("unet", "vq"):
+            setattr(m, attr, None)
+        if cuda:
+            torch.cuda.empty_cache()
+
+    for name, need, fn in sections:
+        if args.only and name not in args.only:
+            continue
+        if cuda:
+            torch.cuda.empty_cache()
+            print(f"[{name}] allocated {torch.cuda.memory_allocated() / 2**30:.1f} GiB, peak so far "
+                  f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, {budget.left():.0f} s left", flush=True)
+        if budget.left() < need:
+            row(name, "skipped", "-", f"time budget ({budget.left():.0f} s left, needs ~{need} s)", args.out)
+            continue
+        try:
+            fn()
+        except Exception as e:  # one failing section must not cost the others' numbers
+            traceback.print_exc()
+            row(name, "FAILED", type(e).__name__, str(e).splitlines()[0][:120] if str(e) else "", args.out)
+    table = ["| section | setting | value | note |", "|---|---|---|---|"]
+    table += [f"| {r['section']} | {r['setting']} | {r['value']} | {r['note']} |" for r in ROWS]
+    (args.out / "table.md").write_text("\n".join(table) + "\n")
+    print("\n" + "\n".join(table))
+    print(f"\ntotal {time.perf_counter() - budget.start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
