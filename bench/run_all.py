@@ -18,6 +18,7 @@ OUT/bench.json after every section (nothing lost if the run is cut short) and th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -177,6 +178,58 @@ def large_rows(m, device, d, out, budget, smoke, ref_steps):
             f"decodes, 0 encodes", out, seconds=s + s_blend, algo=f"linear-K{k}", grid=grid, **cnt)
 
 
+def diag_rows(m, device, out):
+    """Peak memory of one batch-128 UNet forward and one batch-64 VQ decode (bf16), and VQ decode speed with
+    cuDNN's benchmark mode (autotuned convolution algorithms) at the loop's batch sizes."""
+    if device.type != "cuda":
+        row("diag", "skipped", "-", "CPU", out)
+        return
+    h, d = m.latent_side, m.unet.config.context_dim
+    for what, fn in [
+        ("UNet forward, batch 128, bf16", lambda: m.unet(torch.randn(128, 3, h, h, device=device),
+                                                         torch.randint(0, 1000, (128,), device=device),
+                                                         torch.randn(128, 65, d, device=device))),
+        ("VQ decode, batch 64, bf16", lambda: m.decode(torch.randn(64, 3, h, h, device=device)))]:
+        m.vq_dtype = torch.bfloat16
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            fn()
+        sync(device)
+        row("peak memory", what, f"{(torch.cuda.max_memory_allocated() - base) / 2**30:.1f} GiB", "above weights", out)
+    torch.backends.cudnn.benchmark = True
+    for b in (16, 129):
+        z = torch.randn(b, 3, h, h, device=device)
+        m.decode(z)
+        _, s = timed(lambda: [m.decode(z) for _ in range(2)], device)
+        row("VQ decode", f"batch {b}, bf16, cudnn.benchmark", f"{s / (2 * b) * 1e3:.2f} ms/patch", "", out,
+            ms_per_patch=s / (2 * b) * 1e3)
+
+
+def large4k_rows(m, device, d, out, smoke):
+    """The linear cut at 4096² with the constraint on the first 14 of 20 outer steps (cuDNN benchmark on)."""
+    h, big = m.latent_side, 4 if smoke else 16
+    g = torch.Generator().manual_seed(1)
+    ctx = {grid: (torch.randn(1, 65, d, generator=g).to(device),
+                  torch.randn(grid * grid, 65, d, generator=g).to(device)) for grid in (4, 16)}
+    m.vq_dtype = torch.bfloat16 if device.type == "cuda" else None
+    codebook = m.vq.quantize.embedding.weight.detach().float()
+    codes = torch.randint(0, codebook.shape[0], (64, h, h), generator=torch.Generator().manual_seed(0))
+    lin = fit_linear_vq(codebook[codes.to(codebook.device)].permute(0, 3, 1, 2).contiguous(), m.decode, m.encode)
+    steps = 2 if smoke else 20
+    for grid, warm in [(4, True), (big, False)]:
+        n = grid * grid
+        c = FastJointConfig(steps=steps, inner_steps=1, patch_batch=n if n <= 64 else 129, constraint_mode="linear",
+                            constraint_steps=steps * 7 // 10)
+        res, s, s_blend, cnt = large_once(m, device, grid, c, lin, max(1, h // 2), *ctx[grid])
+        if not warm:
+            row(f"large {grid * m.patch_px}²", f"linear K = 1, constraint on the first {c.constraint_steps} of "
+                f"{steps} steps, cudnn.benchmark", f"{s + s_blend:.1f} s",
+                f"sampling {s:.1f} s + blend {s_blend:.1f} s; {cnt['unet_forwards']:,} UNet, "
+                f"{cnt['vq_decodes']:,} VQ decodes", out, seconds=s + s_blend, algo="linear-K1-14of20", grid=grid)
+
+
 def train_rows(device, preset, out, batch=64, steps=10):
     from train_step import measure
     r = measure(preset, batch if device.type == "cuda" else 4, steps, 3, compile=False)
@@ -220,6 +273,8 @@ def main() -> None:
         ("VQ", 20, lambda: vq_rows(m, device, args.out)),
         ("patches", 40, lambda: patch_rows(m, device, d, args.out, *((64, 50) if cuda else (2, 5)))),
         ("large", 120, lambda: large_rows(m, device, d, args.out, budget, args.smoke, args.ref_steps)),
+        ("diag", 15, lambda: diag_rows(m, device, args.out)),
+        ("large4k", 60, lambda: large4k_rows(m, device, d, args.out, args.smoke)),
         ("training", 40, lambda: (free_sampling(), train_rows(device, preset, args.out))),
     ]
 
@@ -253,7 +308,8 @@ def main() -> None:
             row(name, "skipped", "-", f"time budget ({budget.left():.0f} s left, needs ~{need} s)", args.out)
             continue
         try:
-            fn()
+            with torch.no_grad() if name != "training" else contextlib.nullcontext():   # no autograd records
+                fn()
         except Exception as e:  # one failing section must not cost the others' numbers
             traceback.print_exc()
             row(name, "FAILED", type(e).__name__, str(e).splitlines()[0][:120] if str(e) else "", args.out)

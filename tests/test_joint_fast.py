@@ -153,6 +153,29 @@ def test_linear_mode_counters(fixed):
     assert calls == {"dec": res.vq_decodes + res.final_vq_decodes, "enc": 0}
 
 
+def test_constraint_steps_limits_the_constraint_to_the_first_outer_steps():
+    """constraint_steps = N: the first N outer steps are those of the full run (same latents after them), the
+    rest unconstrained (no decode); N = 0 is the constraint-off run exactly."""
+    seen = {}
+    for n_steps in (None, 3, 0):
+        cfg = FastJointConfig(steps=6, inner_steps=2, constraint_mode="linear", constraint_steps=n_steps)
+        states = []
+        x = randn_items(0, range(1 + G * G), SHAPE)
+        res = joint_sample(gauss_eps, vq_encode, vq_decode, SCHED, x[:1], x[1:], G, cfg, linear_vq=toy_linear_vq(),
+                           noise_fn=step_noise_fn(0, range(1 + G * G)),
+                           callback=lambda d: states.append(d["x_patches"].clone()))
+        seen[n_steps] = (res, states)
+    full, part, none = seen[None], seen[3], seen[0]
+    torch.testing.assert_close(part[1][2], full[1][2], rtol=0, atol=0)          # after step 3: identical
+    assert not torch.equal(part[1][3], full[1][3])
+    assert part[0].vq_decodes == 3 * (G * G * 2 + 1) and full[0].vq_decodes == 6 * (G * G * 2 + 1)
+    off = run(JointConfig(steps=6, constraint=False))
+    torch.testing.assert_close(none[0].patch_latents, off.patch_latents, rtol=0, atol=0)
+    assert none[0].vq_decodes == 0
+    with pytest.raises(ValueError, match="constraint_steps"):
+        FastJointConfig(constraint_steps=-1)
+
+
 def test_config_and_input_checks():
     with pytest.raises(ValueError, match="constraint_mode"):
         FastJointConfig(constraint_mode="latent")

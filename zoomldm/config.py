@@ -214,6 +214,7 @@ class LargeSampleConfig:
     # blended-decode stride in latents (null = window/4, official; window/2 = 961 instead of 3,721 decodes
     # per 4096² image).
     constraint_mode: Literal["reference", "linear"] = "reference"
+    constraint_steps: int | None = None      # linear mode: constrain only the first N outer steps (null: all)
     decode_stride: int | None = None
     unconstrained: bool = True               # also sample the constraint-off variant on the same seeds
     graikos: bool = True                     # Graikos et al. panoramas of the same regions
@@ -382,6 +383,8 @@ class Config:
             _check(v >= 1, f"sample.{key}", "must be ≥ 1")
         _check(lg.inner_steps >= 0 and s.sr.inner_steps >= 0, "sample.large.inner_steps", "must be ≥ 0")
         _check(lg.decode_stride is None or lg.decode_stride >= 1, "sample.large.decode_stride", "must be ≥ 1")
+        _check(lg.constraint_steps is None or lg.constraint_steps >= 0, "sample.large.constraint_steps",
+               "must be ≥ 0")
         _check(p.cfg_scale >= 0, "sample.patches.cfg_scale", "must be ≥ 0")
         _check(0 <= lg.graikos_eta <= 1, "sample.large.graikos_eta", "must lie in [0, 1]")
         # A grid g needs the magnification whose region spans g x g base tiles (4 -> 5x, 16 -> 1.25x).

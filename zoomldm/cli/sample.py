@@ -224,11 +224,13 @@ def _large_options(f):
 @click.option("--constraint-mode", type=click.Choice(["reference", "linear"]), default=None,
               help="reference: the official algorithm; linear: the cut (1 VQ decode and no model call per "
                    "inner iteration) [sample.large.constraint_mode].")
+@click.option("--constraint-steps", type=click.IntRange(min=0), default=None,
+              help="linear mode: constrain only the first N outer steps [sample.large.constraint_steps].")
 @click.option("--decode-stride", type=click.IntRange(min=1), default=None,
               help="Blended-decode stride in latents [sample.large.decode_stride; default window/4].")
 @_common
 def large(ckpt, cond, cdm_ckpt, vq_path, grid, n, window_batch, shard, num_shards, constraint, steps, inner_steps,
-          guidance_w, patch_batch, constraint_mode, decode_stride, out, config_path, store_path, seed,
+          guidance_w, patch_batch, constraint_mode, constraint_steps, decode_stride, out, config_path, store_path, seed,
           device, precision, progress) -> None:
     """Large images by joint multi-scale sampling: OUT/<i>.png, OUT/<i>_guide.png and OUT/<i>.json."""
     import torch
@@ -250,7 +252,8 @@ def large(ckpt, cond, cdm_ckpt, vq_path, grid, n, window_batch, shard, num_shard
     jcfg = FastJointConfig(steps=_pick(steps, lc.steps), inner_steps=_pick(inner_steps, lc.inner_steps), h=lc.h,
                            lr=lc.lr, constraint=constraint, guidance_w=_pick(guidance_w, lc.guidance_w),
                            patch_batch=_pick(patch_batch, lc.patch_batch),
-                           constraint_mode=_pick(constraint_mode, lc.constraint_mode))
+                           constraint_mode=_pick(constraint_mode, lc.constraint_mode),
+                           constraint_steps=_pick(constraint_steps, lc.constraint_steps))
     dev = resolve_device(_pick(device, sc.device))
     m = dn.fast_path(dn.load_zoomldm(ckpt, dev, vq_path=vq_path), sc.compile, sc.vq_precision)
     if guide.index >= m.summarizer.config.mag_levels:
