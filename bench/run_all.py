@@ -230,6 +230,34 @@ def large4k_rows(m, device, d, out, smoke):
                 f"{cnt['vq_decodes']:,} VQ decodes", out, seconds=s + s_blend, algo="linear-K1-14of20", grid=grid)
 
 
+def profile_rows(m, device, d, out, smoke):
+    """torch.profiler over one 1024² image of the linear cut (K = 1): the top operators by device time go to
+    OUT/profile.txt, the top 3 into the table (where the loop's time goes beyond UNet and VQ)."""
+    from torch.profiler import ProfilerActivity, profile
+    h = m.latent_side
+    g = torch.Generator().manual_seed(1)
+    guide_ctx, patch_ctx = torch.randn(1, 65, d, generator=g).to(device), torch.randn(16, 65, d, generator=g).to(device)
+    m.vq_dtype = torch.bfloat16 if device.type == "cuda" else None
+    codebook = m.vq.quantize.embedding.weight.detach().float()
+    codes = torch.randint(0, codebook.shape[0], (64, h, h), generator=torch.Generator().manual_seed(0))
+    lin = fit_linear_vq(codebook[codes.to(codebook.device)].permute(0, 3, 1, 2).contiguous(), m.decode, m.encode)
+    c = FastJointConfig(steps=2 if smoke else 20, inner_steps=1, patch_batch=16, constraint_mode="linear")
+    large_once(m, device, 4, c, lin, max(1, h // 2), guide_ctx, patch_ctx)                # warm-up
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        large_once(m, device, 4, c, lin, max(1, h // 2), guide_ctx, patch_ctx)
+    cuda = device.type == "cuda"
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=30)
+    (out / "profile.txt").write_text(table)
+
+    def self_time(e) -> float:      # seconds of the operator itself (not its children)
+        names = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
+        return next((getattr(e, n) for n in names if hasattr(e, n)), 0) / 1e6
+    for e in sorted(prof.key_averages(), key=self_time, reverse=True)[:4]:
+        row("profile 1024² linear K = 1", e.key[:60], f"{self_time(e):.2f} s self", f"{e.count} calls", out)
+
+
 def train_rows(device, preset, out, batch=64, steps=10):
     from train_step import measure
     r = measure(preset, batch if device.type == "cuda" else 4, steps, 3, compile=False)
@@ -275,6 +303,7 @@ def main() -> None:
         ("large", 120, lambda: large_rows(m, device, d, args.out, budget, args.smoke, args.ref_steps)),
         ("diag", 15, lambda: diag_rows(m, device, args.out)),
         ("large4k", 60, lambda: large4k_rows(m, device, d, args.out, args.smoke)),
+        ("profile", 30, lambda: profile_rows(m, device, d, args.out, args.smoke)),
         ("training", 40, lambda: (free_sampling(), train_rows(device, preset, args.out))),
     ]
 
