@@ -31,7 +31,7 @@ def make_metrics(root: Path) -> Path:
               {"method": method, "cond": cond, "magnification": mag, "fid": 50.0 + i, "n_gen": 64,
                "n_ref": 128, "extractor": "effnet-lite0", "extractor_label": LABEL, "stand_in": True,
                "samples": "x"})
-    for method in ("zoomldm", "zoomldm_unconstrained", "graikos"):
+    for method in ("zoomldm", "zoomldm_unconstrained", "zoomldm_linear", "graikos"):
         _dump(root / "large_images" / f"{method}_grid4.json",
               {"method": method, "grid": 4, "size_px": 256, "n_images": 2, "clip_fid": 30.0,
                "clip_extractor": "effnet-lite0", "clip_stand_in": True,
@@ -90,6 +90,8 @@ def test_other_tables_carry_paper_columns_and_notes(metrics, tmp_path):
     assert z.paper_size_px == 1024 and z.size_px == 256
     assert large[large.model == "graikos"].paper_clip_fid.item() == 7.43
     assert math.isnan(large[large.model == "zoomldm_unconstrained"].paper_clip_fid.item())
+    assert list(large.model) == ["zoomldm", "zoomldm_linear", "zoomldm_unconstrained", "graikos"]
+    assert large[large.model == "zoomldm_linear"].method.item() == "ZoomLDM (joint, linear constraint: the speed cut)"
     md = (tmp_path / "t/large_images.md").read_text()
     assert "constrained 27.40 vs unconstrained 35.90" in md and "∞-Brush" in md and "not comparable" in md
     sr = pd.read_csv(tmp_path / "t/super_resolution.csv", keep_default_na=False)

@@ -217,6 +217,7 @@ class LargeSampleConfig:
     constraint_steps: int | None = None      # linear mode: constrain only the first N outer steps (null: all)
     decode_stride: int | None = None
     unconstrained: bool = True               # also sample the constraint-off variant on the same seeds
+    linear: bool = False                     # also sample with constraint_mode linear (the cut) on the same seeds
     graikos: bool = True                     # Graikos et al. panoramas of the same regions
     graikos_steps: int = 50                  # DDIM steps, η = graikos_eta (peers-and-metrics.md §2)
     graikos_eta: float = 1.0

@@ -76,7 +76,7 @@ rule eval_large:
     output:
         f"{METRICS}/large_images/{{variant}}_grid{{grid}}.json",
     wildcard_constraints:
-        variant="zoomldm|zoomldm_unconstrained|graikos",
+        variant="zoomldm|zoomldm_unconstrained|zoomldm_linear|graikos",
     log:
         "logs/eval/large_{variant}_grid{grid}.log",
     threads: 1

@@ -36,6 +36,7 @@ if _S.patches.graikos and _DATA_MAGS[0] in _PATCH_MAGS:
 PATCH_MANIFESTS = [f"{SAMPLES}/patches/{mo}/{c}/{m}/manifest.parquet" for mo, c, m in PATCH_SETS]
 
 _VARIANTS = ["zoomldm"] + (["zoomldm_unconstrained"] if _S.large.unconstrained else [])
+_VARIANTS += ["zoomldm_linear"] if _S.large.linear else []   # issue #8's cut beside the reference, same seeds
 _VARIANTS += ["graikos"] if _S.large.graikos else []
 
 
@@ -166,7 +167,7 @@ rule sample_large:
         guide=f"{SAMPLES}/large/{{variant}}/grid{{grid}}/{{i}}_guide.png",
         json=f"{SAMPLES}/large/{{variant}}/grid{{grid}}/{{i}}.json",
     wildcard_constraints:
-        variant="zoomldm|zoomldm_unconstrained",
+        variant="zoomldm|zoomldm_unconstrained|zoomldm_linear",
     log:
         "logs/sample/large/{variant}_grid{grid}_{i}.log",
     benchmark:
@@ -184,6 +185,7 @@ rule sample_large:
         n=lambda wc: N_LARGE[int(wc.grid)],
         flags=lambda wc, input: " ".join(
             (["--no-constraint"] if wc.variant.endswith("unconstrained") else [])
+            + (["--constraint-mode linear"] if wc.variant == "zoomldm_linear" else [])
             + ([f"--cond cdm --cdm-ckpt {input.cdm[0]}"] if input.cdm else ["--cond store"])
         ),
         out=lambda wc, output: os.path.dirname(output.image),

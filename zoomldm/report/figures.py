@@ -25,7 +25,7 @@ FIGURES = ("fid", "samples", "large", "sr")
 COLORS = {"ZoomLDM": "C0", "ZoomLDM + CDM (uncond.)": "C1", "Single-scale LDM": "C2", "Graikos et al.": "C3"}
 PAPER_ROWS = {"zoomldm": ("paper: ZoomLDM", "C0"), "cdm": ("paper: CDM (uncond.)", "C1"),
               "sota": ("paper: SoTA (Graikos / PathLDM / single-scale)", "C7")}
-LARGE_ORDER = ("zoomldm", "zoomldm_unconstrained", "graikos")
+LARGE_ORDER = ("zoomldm", "zoomldm_linear", "zoomldm_unconstrained", "graikos")
 SR_ORDER = ("bicubic", "ldm_sr", "controlnet", "zoomldm")
 
 

@@ -31,7 +31,7 @@ MIL_SCHEMA = {"features": "str", "encoder_label": "str", "magnification": "str",
 
 FID_METHODS = ("zoomldm", "single_scale", "graikos")
 FID_CONDS = ("store", "cdm")
-LARGE_METHODS = ("zoomldm", "zoomldm_unconstrained", "graikos")
+LARGE_METHODS = ("zoomldm", "zoomldm_linear", "zoomldm_unconstrained", "graikos")
 SR_METHODS = ("bicubic", "ldm_sr", "controlnet", "zoomldm", "zoomldm_unconstrained")
 MIL_FEATURES = ("ssl", "zoomldm")
 

@@ -17,6 +17,7 @@ TABLES = ("fid_by_magnification", "large_images", "super_resolution", "mil")
 FID_ROWS = {("zoomldm", "store"): "ZoomLDM", ("zoomldm", "cdm"): "ZoomLDM + CDM (uncond.)",
             ("single_scale", "store"): "Single-scale LDM", ("graikos", "store"): "Graikos et al."}
 LARGE_LABELS = {"zoomldm": "ZoomLDM (joint sampling)",
+                "zoomldm_linear": "ZoomLDM (joint, linear constraint: the speed cut)",
                 "zoomldm_unconstrained": "ZoomLDM (joint, no constraint)", "graikos": "Graikos et al."}
 SR_LABELS = {"bicubic": "Bicubic", "ldm_sr": "LDM-SR (LR concatenated, trained here)",
              "controlnet": "ControlNet (on frozen ZoomLDM)", "zoomldm": "ZoomLDM (condition inversion)",
