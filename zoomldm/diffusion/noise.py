@@ -30,6 +30,8 @@ def item_generators(seed: int, indices: Iterable[int], *tags: int | str) -> list
 def _stacked_randn(gens: list[torch.Generator], shape: Sequence[int], device, dtype) -> torch.Tensor:
     out = torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float32)
                        for g in gens])  # (N, *shape)
+    if device is not None and torch.device(device).type == "cuda":   # no host sync inside the sampling loops:
+        return out.pin_memory().to(device=device, dtype=dtype, non_blocking=True)   # pinned, asynchronous
     return out.to(device=device, dtype=dtype)
 
 
