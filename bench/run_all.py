@@ -1,7 +1,12 @@
 """Every GPU number of issues 3, 4, 5 and 8 in one command, one table (run it on a lent H100/H200):
 
-    PYTHONUNBUFFERED=1 python bench/run_all.py --out $OUT        # paper preset, random weights, < 8 min
-    python bench/run_all.py --smoke                             # CPU plumbing check (small preset, seconds)
+    PYTHONUNBUFFERED=1 python bench/run_all.py --out $OUT --no-compile   # paper preset, random weights, ~6 min
+    PYTHONUNBUFFERED=1 python bench/run_all.py --out $OUT                # + the compiled UNet: ~4.5 min more
+    python bench/run_all.py --smoke                                     # CPU plumbing check (small preset)
+    python bench/run_all.py --only large profile ...                    # a subset of the sections below
+
+Sections (in order): "UNet eager", "UNet compile", VQ, patches, large, diag, large4k, profile, training.
+The minutes add up the three 2026-11-26 runs of bench/RESULTS.md (each ran a subset within one lease).
 
 Rows: ms per UNet sample-forward at batch 34 and 128 (bf16 autocast, channels-last, eager and torch.compile);
 ms per VQ decode of one patch (fp32, bf16); patch images/s at 50 DDIM steps + CFG (batch 64, compiled UNet,
@@ -28,14 +33,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sample_large import PATCH_PX, build  # noqa: E402
+from sample_large import build  # noqa: E402
 from unet_forward import PAPER_GFLOP, time_forward  # noqa: E402
 
 from zoomldm.diffusion import ddim_sample, randn_items, step_noise_fn  # noqa: E402
 from zoomldm.diffusion.blend import decode_large  # noqa: E402
 from zoomldm.diffusion.joint import assemble  # noqa: E402
 from zoomldm.diffusion.joint_fast import FastJointConfig, joint_sample  # noqa: E402
-from zoomldm.diffusion.surrogate import fit_linear_vq  # noqa: E402
 from zoomldm.models.summarizer import SUMMARIZER_PRESETS  # noqa: E402
 from zoomldm.sampling import denoisers as dn  # noqa: E402
 
@@ -112,6 +116,13 @@ def patch_rows(m, device, d, out, n=64, steps=50):
         f"{m.counter.unet:,} sample-forwards", out, images_per_s=n / s)
 
 
+def contexts(d: int, device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Random (guide (1, 65, d), patches (g², 65, d)) contexts per grid, the same in every section."""
+    g = torch.Generator().manual_seed(1)
+    return {grid: (torch.randn(1, 65, d, generator=g).to(device),
+                   torch.randn(grid * grid, 65, d, generator=g).to(device)) for grid in (4, 16)}
+
+
 def large_once(m, device, grid, cfg, linear_vq, stride, guide_ctx, patch_ctx, window_batch=64):
     """(JointResult, seconds of joint sampling, seconds of the blended decode, counters) of image 0."""
     m.counter = dn.Counter()
@@ -132,9 +143,7 @@ def large_once(m, device, grid, cfg, linear_vq, stride, guide_ctx, patch_ctx, wi
 
 def large_rows(m, device, d, out, budget, smoke, ref_steps):
     h = m.latent_side
-    g = torch.Generator().manual_seed(1)
-    ctx = {grid: (torch.randn(1, 65, d, generator=g).to(device),
-                  torch.randn(grid * grid, 65, d, generator=g).to(device)) for grid in (4, 16)}
+    ctx = contexts(d, device)
     big = 4 if smoke else 16
     # reference: fp32 VQ (its finite differences through the encoder), patch batch 16 (official pattern),
     # timed on its first ref_steps outer steps (t = 1000, 950, ... as in the full run)
@@ -146,20 +155,18 @@ def large_rows(m, device, d, out, budget, smoke, ref_steps):
     # part has stride 1000 / n_part; per outer step the work is the same whatever the stride
     ref_1k = s / n_part * steps + s_blend
     unet_full = cnt["unet_forwards"] // n_part * steps
-    row("large 1024²", f"reference (K = {k_ref}, {steps} steps, patch batch 16, fp32 VQ, stride {max(1, h // 4)})",
+    setting = f"reference (K = {k_ref}, {steps} steps, patch batch 16, fp32 VQ, stride {max(1, h // 4)})"
+    row(f"large {4 * m.patch_px}²", setting,
         f"{ref_1k:.1f} s", f"extrapolated: {n_part} outer steps took {s:.1f} s (+ final decodes), blend "
         f"{s_blend:.1f} s; ~{unet_full:,} UNet forwards", out, seconds=ref_1k, algo="reference", grid=4)
     ref_4k = ref_1k * (1 + 16 * 16) / (1 + 4 * 4)
-    row("large 4096²", "reference (same)", f"{ref_4k:.0f} s", "extrapolated: 1024² time × 257/17", out,
+    row(f"large {16 * m.patch_px}²", "reference (same)", f"{ref_4k:.0f} s", "extrapolated: 4 x 4 time × 257/17", out,
         seconds=ref_4k, algo="reference", grid=16)
 
     # the cut: linear constraint, all patches in one batch, bf16 VQ, decode stride window/2
     m.vq_dtype = torch.bfloat16 if device.type == "cuda" else None
     t0 = time.perf_counter()
-    codebook = m.vq.quantize.embedding.weight.detach().float()
-    codes = torch.randint(0, codebook.shape[0], (64, h, h), generator=torch.Generator().manual_seed(0))
-    latents = codebook[codes.to(codebook.device)].permute(0, 3, 1, 2).contiguous()   # (64, c, h, h)
-    lin = fit_linear_vq(latents, m.decode, m.encode)
+    lin = dn.linear_vq_for(m)              # random codebook latents: random weights have no store
     row("linear VQ fit", "64 latents, least squares", f"{time.perf_counter() - t0:.2f} s", "once per run", out)
     plan = [(1, 4, True), (1, 4, False), (1, big, False), (2, 4, False), (2, big, False), (1, big, False)]
     for k, grid, warm in plan:
@@ -210,13 +217,10 @@ def diag_rows(m, device, out):
 def large4k_rows(m, device, d, out, smoke):
     """The linear cut at 4096² with the constraint on the first 14 of 20 outer steps (cuDNN benchmark on)."""
     h, big = m.latent_side, 4 if smoke else 16
-    g = torch.Generator().manual_seed(1)
-    ctx = {grid: (torch.randn(1, 65, d, generator=g).to(device),
-                  torch.randn(grid * grid, 65, d, generator=g).to(device)) for grid in (4, 16)}
+    torch.backends.cudnn.benchmark = True          # as in the diag section (no gain measured there)
+    ctx = contexts(d, device)
     m.vq_dtype = torch.bfloat16 if device.type == "cuda" else None
-    codebook = m.vq.quantize.embedding.weight.detach().float()
-    codes = torch.randint(0, codebook.shape[0], (64, h, h), generator=torch.Generator().manual_seed(0))
-    lin = fit_linear_vq(codebook[codes.to(codebook.device)].permute(0, 3, 1, 2).contiguous(), m.decode, m.encode)
+    lin = dn.linear_vq_for(m)
     steps = 2 if smoke else 20
     for grid, warm in [(4, True), (big, False)]:
         n = grid * grid
@@ -235,12 +239,9 @@ def profile_rows(m, device, d, out, smoke):
     OUT/profile.txt, the top 3 into the table (where the loop's time goes beyond UNet and VQ)."""
     from torch.profiler import ProfilerActivity, profile
     h = m.latent_side
-    g = torch.Generator().manual_seed(1)
-    guide_ctx, patch_ctx = torch.randn(1, 65, d, generator=g).to(device), torch.randn(16, 65, d, generator=g).to(device)
+    guide_ctx, patch_ctx = contexts(d, device)[4]
     m.vq_dtype = torch.bfloat16 if device.type == "cuda" else None
-    codebook = m.vq.quantize.embedding.weight.detach().float()
-    codes = torch.randint(0, codebook.shape[0], (64, h, h), generator=torch.Generator().manual_seed(0))
-    lin = fit_linear_vq(codebook[codes.to(codebook.device)].permute(0, 3, 1, 2).contiguous(), m.decode, m.encode)
+    lin = dn.linear_vq_for(m)
     c = FastJointConfig(steps=2 if smoke else 20, inner_steps=1, patch_batch=16, constraint_mode="linear")
     large_once(m, device, 4, c, lin, max(1, h // 2), guide_ctx, patch_ctx)                # warm-up
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
