@@ -12,7 +12,7 @@ base patch 1 VQ decode, 2 VQ encodes and 2 CFG model calls:
 The ``linear`` constraint mode keeps the residual exactly (same decode, same A, same guide tiles) and replaces
 both Jacobians by linear maps:
 
-    e = ‖Ẽ·r‖∞       Ẽ: the linear part of a linear encoder fitted to E (``surrogate.fit_linear_vq``)
+    e = ‖Ẽ·r‖∞       Ẽ: a linear map fitted to E's response to smooth perturbations (``surrogate.fit_linear_vq``)
     g = e            ε held fixed: x̂0 = (x_t − √(1−ᾱ)ε)/√ᾱ moves by Δx_t/√ᾱ, i.e. J_x̂0 = I/√ᾱ, and the
                      ∞-normalisation removes the 1/√ᾱ
     x_t ← x_t + lr·e;  x̂0 ← x̂0(x_t, ε)  (no model call)

@@ -214,7 +214,11 @@ def linear_vq_for(m: ZoomLDM, store=None, n: int = 64, seed: int = 0):
         codebook = m.vq.quantize.embedding.weight.detach().float().cpu()          # (n_embed, c)
         codes = torch.randint(0, codebook.shape[0], (n, h, h), generator=gen)
         latents = codebook[codes].permute(0, 3, 1, 2).contiguous()               # (n, c, h, h)
-    return fit_linear_vq(latents.to(m.device), m.decode, m.encode)
+    vq_dtype, m.vq_dtype = m.vq_dtype, None          # the encoder's finite differences need float32
+    try:
+        return fit_linear_vq(latents.to(m.device), m.decode, m.encode)
+    finally:
+        m.vq_dtype = vq_dtype
 
 
 # UNet autocast dtype per task on CUDA for precision "auto". Patch sets: bf16. Joint sampling: fp16, the
