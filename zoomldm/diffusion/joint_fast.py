@@ -20,8 +20,8 @@ both Jacobians by linear maps:
 so an inner iteration costs 1 VQ decode and no model call; the outer loop, the DDIM-style update, the one-way
 coupling, the guide decoded at every outer step and the final pixel-space ``consistency_mae`` are those of
 ``joint.py`` (same function), so the two modes are compared apples to apples. On the demo model (10 outer steps,
-16 images, same seeds; bench/RESULTS.md) K = 1 gives a consistency MAE of 19.9 against the reference's 20.0
-with K = 2 and the same Crop-FID (211.7 vs 211.2, seed-to-seed spread 5.6), at 1/6 of the reference's
+16 images, same seeds; bench/RESULTS.md) K = 1 gives a consistency MAE of 19.3 against the reference's 20.0
+with K = 2 and the same Crop-FID (211.3 vs 211.2, seed-to-seed spread 5.6), at 1/6 of the reference's
 inner-loop VQ passes and 1/5 of its model calls.
 
 ``constraint_steps = N`` constrains only the first N outer steps: the early, noisy steps are where the
