@@ -84,7 +84,7 @@ def _fit_encoder_jacobian(images: Tensor, codes: Tensor, encode: Callable[[Tenso
             img = images[i:i + batch]
             low = torch.randn(len(img), 3, side // factor, side // factor, generator=gen).to(img)
             delta = inf_normalize(upscale(low, factor))                               # (B, 3, P, P)
-            dz = torch.cat([(encode(img + h * delta).float() - codes[i:i + batch]) / h])  # (B, c, h, w)
+            dz = (encode(img + h * delta).float() - codes[i:i + batch]) / h             # (B, c, h, w)
             feats.append(F.unfold(delta, 3 * f, stride=f, padding=f).transpose(1, 2).flatten(0, 1))
             targets.append(dz.flatten(2).transpose(1, 2).flatten(0, 1))
     w = _ridge(torch.cat(feats), torch.cat(targets), ridge)                          # (27f² + 1, c)
@@ -102,9 +102,9 @@ def fit_linear_vq(latents: Tensor, decode: Callable[[Tensor], Tensor], encode: C
     a few dozen patches are plenty.
 
     encoder "value" fits Ẽ(I) ≈ E(I) (weights and bias); "jacobian" fits the linear part to the encoder's
-    response to smooth perturbations, (E(I + s·δ) − E(I)) / s (s = fd_step) with δ = Up(noise) at ×2, ×4 and ×8 (the shape
-    of the sampler's residuals), which is all the sampler uses; its bias is then the value fit's. Call it with
-    a float32 encoder: the finite difference needs the mantissa.
+    response to smooth perturbations, (E(I + s·δ) − E(I)) / s (s = fd_step) with δ = Up(noise) at ×2, ×4 and
+    ×8 (the shape of the sampler's residuals), which is all the sampler uses, and the bias as the mean of
+    E(I) − W ⋆ I. Call it with a float32 encoder: the finite difference needs the mantissa.
     """
     if encoder not in ("jacobian", "value"):
         raise ValueError(f"fit_linear_vq: encoder must be 'jacobian' or 'value', got {encoder!r}")
@@ -131,13 +131,15 @@ def fit_linear_vq(latents: Tensor, decode: Callable[[Tensor], Tensor], encode: C
     dec_bias = wd[-1].float()
 
     # encoder: the 3f × 3f pixels around a latent's f × f block -> its c channels
-    feats = F.unfold(images, 3 * f, stride=f, padding=f)                        # (N, 27f², h·w)
-    we = _ridge(feats.transpose(1, 2).reshape(-1, feats.shape[1]),
-                codes.flatten(2).transpose(1, 2).reshape(-1, c), ridge)         # (27f² + 1, c)
-    enc_weight = we[:-1].T.reshape(c, 3, 3 * f, 3 * f).float()
-    enc_bias = we[-1].float()
     if encoder == "jacobian":
         enc_weight = _fit_encoder_jacobian(images, codes, encode, f, ridge, batch, fd_step)
+        enc_bias = (codes - F.conv2d(images, enc_weight, stride=f, padding=f)).mean(dim=(0, 2, 3))   # (c,)
+    else:
+        feats = F.unfold(images, 3 * f, stride=f, padding=f)                    # (N, 27f², h·w)
+        we = _ridge(feats.transpose(1, 2).reshape(-1, feats.shape[1]),
+                    codes.flatten(2).transpose(1, 2).reshape(-1, c), ridge)     # (27f² + 1, c)
+        enc_weight = we[:-1].T.reshape(c, 3, 3 * f, 3 * f).float()
+        enc_bias = we[-1].float()
 
     lin = LinearVQ(dec_weight, dec_bias, enc_weight, enc_bias, f, {})
     from .resize import downscale
