@@ -245,7 +245,8 @@ class SampleConfig:
     # UNet autocast on CUDA. auto: bf16 for patch sets, fp16 for joint sampling (finite differences), fp32 for
     # SR (back-propagation); the VQ always runs in fp32; CPU always fp32.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    # CUDA fast path (issue #8; ignored on CPU): channels-last always; torch.compile of the UNet (pays from a
+    # CUDA fast path of `sample patches` and `sample large` (issue #8; ignored on CPU and by `sample sr`, whose
+    # inversion back-propagates): channels-last always; torch.compile of the UNet (pays from a
     # few hundred forwards on); VQ passes in bf16 (fp32 is the official choice and what the reference joint
     # sampler's finite differences through the encoder need).
     compile: bool = False
