@@ -74,7 +74,7 @@ def env(tmp_path_factory):
                       "patches": {"n_per_mag": 5, "batch_size": 2, "plms_steps": 2, "cdm_steps": 3,
                                   "shard_size": 2},
                       "large": {"grids": [4], "n": 1, "steps": 2, "inner_steps": 1, "patch_batch": 8,
-                                "graikos_steps": 2, "window_batch": 32},
+                                "graikos_steps": 2, "window_batch": 32, "cut": {"inner_steps": 2, "patch_batch": 5}},
                       "sr": {"n": 1, "inversion_steps": 2, "inner_steps": 1}}}
     config = root / "cfg.yaml"
     config.write_text(yaml.safe_dump(cfg))
@@ -292,18 +292,27 @@ def test_panorama_window_average_equals_a_canvas_ddim_step():
 
 def test_large_linear_cut_is_a_config_choice(env, tmp_path):
     """--constraint-mode linear (issue #8's cut): 1 VQ decode per inner iteration and patch, no encode and no
-    extra model call, same seeds and guide as the reference, the half-stride decode when asked; the JSON says
-    which algorithm ran."""
+    extra model call, same seeds and guide as the reference; it runs with the settings of sample.large.cut (K = 2
+    and the half-stride decode here, against the reference's K = 1 and quarter stride); the JSON says which
+    algorithm ran."""
     base = ["large", "--config", env["config"], "--ckpt", env["ckpt"], "--grid", 4, "--no-progress"]
     ok(run(*base, "--out", tmp_path / "ref"))
-    ok(run(*base, "--out", tmp_path / "cut", "--constraint-mode", "linear", "--decode-stride", 2))
+    ok(run(*base, "--out", tmp_path / "cut", "--constraint-mode", "linear"))
     ref, cut = (json.loads((tmp_path / d / "0.json").read_text()) for d in ("ref", "cut"))
     assert ref["constraint_mode"] == "reference" and cut["constraint_mode"] == "linear"
     n, k, steps = 16, ref["inner_steps"], ref["steps"]
-    assert cut["joint_vq_encodes"] == 0 and cut["joint_vq_decodes"] == steps * (1 + n * k)
+    assert (k, cut["inner_steps"]) == (1, 2)
+    assert cut["joint_vq_encodes"] == 0 and cut["joint_vq_decodes"] == steps * (1 + n * 2)
     assert ref["joint_vq_encodes"] == 2 * steps * n * k and ref["joint_vq_decodes"] == steps * (1 + n * k)
     assert cut["joint_unet_forwards"] == steps * 2 * (1 + n) < ref["joint_unet_forwards"]
-    assert cut["decode_stride"] == 2 and cut["blend_vq_decodes"] < ref["blend_vq_decodes"]
+    h = P // 4
+    assert (ref["decode_stride"], cut["decode_stride"]) == (h // 4, h // 2)
+    assert cut["blend_vq_decodes"] < ref["blend_vq_decodes"]
+    ok(run(*base, "--out", tmp_path / "k1", "--constraint-mode", "linear", "--inner-steps", 1, "--decode-stride", 1))
+    k1 = json.loads((tmp_path / "k1" / "0.json").read_text())
+    assert (k1["inner_steps"], k1["decode_stride"], k1["joint_vq_decodes"]) == (1, 1, steps * (1 + n))
+    res = run(*base, "--out", tmp_path / "bad", "--constraint-steps", 1)
+    assert res.exit_code == 2 and "--constraint-mode linear" in res.output
     guides = [np.asarray(Image.open(tmp_path / d / "0_guide.png")) for d in ("ref", "cut")]
     np.testing.assert_array_equal(*guides)                     # the guide is never corrected: same in both
 

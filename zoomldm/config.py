@@ -194,6 +194,20 @@ class PatchSampleConfig:
 
 
 @dataclass
+class LinearCutConfig:
+    """The settings of issue #8's cut (`zoomldm/diffusion/joint_fast.py`), used whenever the constraint mode is
+    `linear`: the workflow's `zoomldm_linear` variant (`sample.large.linear`) or `sample.large.constraint_mode:
+    linear`. They are the settings bench/RESULTS.md times and whose quality the demo measured (K = 1 against the
+    reference at its own K); the CLI's --inner-steps / --patch-batch / --constraint-steps / --decode-stride still
+    override them."""
+    inner_steps: int = 1                     # K: one VQ decode per patch and inner iteration
+    constraint_steps: int | None = None      # constrain only the first N outer steps (null: all)
+    patch_batch: int = 64                    # base patches per UNet (x2 for CFG) / VQ batch
+    decode_stride: int | None = None         # blended-decode stride in latents (null: window/2)
+    vq_precision: Literal["fp32", "bf16"] = "bf16"   # CUDA only: no finite difference runs through the VQ
+
+
+@dataclass
 class LargeSampleConfig:
     """Large images by joint multi-scale sampling (official-implementation.md §5): a guide at the magnification
     spanning grid x grid base tiles (4 -> 5x, 1024 px at patch 256; 16 -> 1.25x, 4096 px) plus grid² base
@@ -210,14 +224,15 @@ class LargeSampleConfig:
     patch_batch: int = 16                    # base patches per UNet/VQ batch
     # The cut of issue #8 (zoomldm/diffusion/joint_fast.py): "reference" = the official algorithm (1 VQ decode,
     # 2 encodes and 2 CFG calls per inner iteration); "linear" = the same residual with a fitted linear encoder
-    # for the direction and ε held fixed (1 decode, no model call per inner iteration). decode_stride:
-    # blended-decode stride in latents (null = window/4, official; window/2 = 961 instead of 3,721 decodes
-    # per 4096² image).
+    # for the direction and ε held fixed (1 decode, no model call per inner iteration), run with the settings
+    # of `cut` below instead of inner_steps / patch_batch / decode_stride / sample.vq_precision.
     constraint_mode: Literal["reference", "linear"] = "reference"
-    constraint_steps: int | None = None      # linear mode: constrain only the first N outer steps (null: all)
+    # blended-decode stride in latents of the reference mode (null = window/4, official: 3,721 decodes per
+    # 4096² image; window/2: 961)
     decode_stride: int | None = None
     unconstrained: bool = True               # also sample the constraint-off variant on the same seeds
-    linear: bool = False                     # also sample with constraint_mode linear (the cut) on the same seeds
+    linear: bool = False                     # also sample the cut (variant zoomldm_linear) on the same seeds
+    cut: LinearCutConfig = field(default_factory=LinearCutConfig)
     graikos: bool = True                     # Graikos et al. panoramas of the same regions
     graikos_steps: int = 50                  # DDIM steps, η = graikos_eta (peers-and-metrics.md §2)
     graikos_eta: float = 1.0
@@ -385,7 +400,11 @@ class Config:
             _check(v >= 1, f"sample.{key}", "must be ≥ 1")
         _check(lg.inner_steps >= 0 and s.sr.inner_steps >= 0, "sample.large.inner_steps", "must be ≥ 0")
         _check(lg.decode_stride is None or lg.decode_stride >= 1, "sample.large.decode_stride", "must be ≥ 1")
-        _check(lg.constraint_steps is None or lg.constraint_steps >= 0, "sample.large.constraint_steps",
+        cut = lg.cut
+        _check(cut.inner_steps >= 0, "sample.large.cut.inner_steps", "must be ≥ 0")
+        _check(cut.patch_batch >= 1, "sample.large.cut.patch_batch", "must be ≥ 1")
+        _check(cut.decode_stride is None or cut.decode_stride >= 1, "sample.large.cut.decode_stride", "must be ≥ 1")
+        _check(cut.constraint_steps is None or cut.constraint_steps >= 0, "sample.large.cut.constraint_steps",
                "must be ≥ 0")
         _check(p.cfg_scale >= 0, "sample.patches.cfg_scale", "must be ≥ 0")
         _check(0 <= lg.graikos_eta <= 1, "sample.large.graikos_eta", "must lie in [0, 1]")

@@ -218,16 +218,19 @@ def _large_options(f):
 @click.option("--constraint/--no-constraint", default=True, show_default=True,
               help="Off: the base patches are sampled independently (same seeds), to measure the constraint.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Outer steps [sample.large.steps].")
-@click.option("--inner-steps", type=click.IntRange(min=0), default=None, help="[sample.large.inner_steps]")
+@click.option("--inner-steps", type=click.IntRange(min=0), default=None,
+              help="K [sample.large.inner_steps; linear mode: sample.large.cut.inner_steps].")
 @click.option("--guidance-w", type=float, default=None, help="w of (1+w)ε_c − wε_u [sample.large.guidance_w].")
-@click.option("--patch-batch", type=click.IntRange(min=1), default=None, help="[sample.large.patch_batch]")
+@click.option("--patch-batch", type=click.IntRange(min=1), default=None,
+              help="[sample.large.patch_batch; linear mode: sample.large.cut.patch_batch]")
 @click.option("--constraint-mode", type=click.Choice(["reference", "linear"]), default=None,
               help="reference: the official algorithm; linear: the cut (1 VQ decode and no model call per "
                    "inner iteration) [sample.large.constraint_mode].")
 @click.option("--constraint-steps", type=click.IntRange(min=0), default=None,
-              help="linear mode: constrain only the first N outer steps [sample.large.constraint_steps].")
+              help="linear mode: constrain only the first N outer steps [sample.large.cut.constraint_steps].")
 @click.option("--decode-stride", type=click.IntRange(min=1), default=None,
-              help="Blended-decode stride in latents [sample.large.decode_stride; default window/4].")
+              help="Blended-decode stride in latents [sample.large.decode_stride, default window/4; linear mode: "
+                   "sample.large.cut.decode_stride, default window/2].")
 @_common
 def large(ckpt, cond, cdm_ckpt, vq_path, grid, n, window_batch, shard, num_shards, constraint, steps, inner_steps,
           guidance_w, patch_batch, constraint_mode, constraint_steps, decode_stride, out, config_path, store_path, seed,
@@ -249,13 +252,19 @@ def large(ckpt, cond, cdm_ckpt, vq_path, grid, n, window_batch, shard, num_shard
     todo = [i for i in _items(n, shard, num_shards) if not item_done(out, i)]
     if not todo:
         return
-    jcfg = FastJointConfig(steps=_pick(steps, lc.steps), inner_steps=_pick(inner_steps, lc.inner_steps), h=lc.h,
-                           lr=lc.lr, constraint=constraint, guidance_w=_pick(guidance_w, lc.guidance_w),
-                           patch_batch=_pick(patch_batch, lc.patch_batch),
-                           constraint_mode=_pick(constraint_mode, lc.constraint_mode),
-                           constraint_steps=_pick(constraint_steps, lc.constraint_steps))
+    mode = _pick(constraint_mode, lc.constraint_mode)
+    cut = lc.cut if mode == "linear" else None       # the cut runs with its own settings (sample.large.cut)
+    if cut is None and constraint_steps is not None:
+        raise click.UsageError("--constraint-steps applies to --constraint-mode linear only")
+    jcfg = FastJointConfig(steps=_pick(steps, lc.steps), h=lc.h, lr=lc.lr, constraint=constraint,
+                           inner_steps=_pick(inner_steps, (cut or lc).inner_steps),
+                           guidance_w=_pick(guidance_w, lc.guidance_w),
+                           patch_batch=_pick(patch_batch, (cut or lc).patch_batch), constraint_mode=mode,
+                           constraint_steps=_pick(constraint_steps, cut.constraint_steps) if cut else None)
+    decode_stride = _pick(decode_stride, (cut or lc).decode_stride)
     dev = resolve_device(_pick(device, sc.device))
-    m = dn.fast_path(dn.load_zoomldm(ckpt, dev, vq_path=vq_path), sc.compile, sc.vq_precision)
+    m = dn.fast_path(dn.load_zoomldm(ckpt, dev, vq_path=vq_path), sc.compile,
+                     cut.vq_precision if cut else sc.vq_precision)
     if guide.index >= m.summarizer.config.mag_levels:
         raise ValueError(f"--grid {grid}: the model knows {m.summarizer.config.mag_levels} magnifications, "
                          f"not {guide.name}")
@@ -278,7 +287,7 @@ def large(ckpt, cond, cdm_ckpt, vq_path, grid, n, window_batch, shard, num_shard
             guide_ctx, patch_ctx, source = large_conditions(m, i, grid, guide, seed, lookup, cdm, cdm_steps)
             item = sample_large(m, i, grid, guide, seed, jcfg, guide_ctx, patch_ctx,
                                 _pick(window_batch, lc.window_batch), progress,
-                                decode_stride=_pick(decode_stride, lc.decode_stride), linear_vq=linear_vq)
+                                decode_stride=decode_stride, linear_vq=linear_vq)
         item.record.update(cond=cond, source=source, model=str(ckpt), device=str(dev))
         write_png(Path(out) / f"{i}_guide.png", item.guide)
         write_png(Path(out) / f"{i}.png", item.image)

@@ -72,7 +72,7 @@ def sample_large(m: dn.ZoomLDM, i: int, grid: int, guide_mag, seed: int, jcfg: J
                  progress: bool = False, decode_stride: int | None = None, linear_vq=None) -> LargeImage:
     """Image i by joint multi-scale sampling (zoomldm.diffusion.joint, or the cut of joint_fast when jcfg is a
     FastJointConfig in linear mode, which needs `linear_vq`: `denoisers.linear_vq_for`) + Gaussian-blended
-    decoding (stride decode_stride, default window/4)."""
+    decoding (stride decode_stride; default window/4, window/2 for the linear cut)."""
     start = time.perf_counter()
     m.counter = dn.Counter()
     c, h = m.unet.config.in_channels, m.latent_side
@@ -82,7 +82,8 @@ def sample_large(m: dn.ZoomLDM, i: int, grid: int, guide_mag, seed: int, jcfg: J
     eps_fn = dn.joint_eps_fn(m, guide_ctx.to(m.device), patch_ctx.to(m.device), jcfg.guidance_w)
     res = joint_sample(eps_fn, m.encode, m.decode, m.schedule, x[:1], x[1:], grid, jcfg, noise_fn=noise_fn,
                        progress=progress, linear_vq=linear_vq)
-    stride = decode_stride or max(1, h // 4)
+    linear = getattr(jcfg, "constraint_mode", "reference") == "linear"
+    stride = decode_stride or max(1, h // (2 if linear else 4))
     image_t, n_windows = decode_large(assemble(res.patch_latents, grid), m.decode, window=h, stride=stride,
                                       batch=window_batch, return_count=True)
     image, guide = to_uint8(image_t)[0], to_uint8(res.guide_image)[0]
