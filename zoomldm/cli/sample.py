@@ -127,7 +127,7 @@ def _sample_patch_shards(shards, todo, ckpt, cond, cdm_ckpt, vq_path, mag, cfg, 
     dev = resolve_device(device)
     graikos = read_checkpoint(ckpt).kind == "graikos"
     m = load_graikos(ckpt, dev, vq_path=vq_path) if graikos else dn.load_zoomldm(ckpt, dev, vq_path=vq_path)
-    dn.fast_path(m, cfg.sample.compile, cfg.sample.vq_precision)
+    dn.fast_path(m, cfg.sample.compile, cfg.sample.vq_precision, cfg.sample.compile_cache)
     store = _store(cfg, config_path, store_path, required=cond == "store")
     ladder = store.ladder if store is not None else cfg.dataset.ladder
     mg = mags.find(ladder, mag)
@@ -264,7 +264,7 @@ def large(ckpt, cond, cdm_ckpt, vq_path, grid, n, window_batch, shard, num_shard
     decode_stride = _pick(decode_stride, (cut or lc).decode_stride)
     dev = resolve_device(_pick(device, sc.device))
     m = dn.fast_path(dn.load_zoomldm(ckpt, dev, vq_path=vq_path), sc.compile,
-                     cut.vq_precision if cut else sc.vq_precision)
+                     cut.vq_precision if cut else sc.vq_precision, sc.compile_cache)
     if guide.index >= m.summarizer.config.mag_levels:
         raise ValueError(f"--grid {grid}: the model knows {m.summarizer.config.mag_levels} magnifications, "
                          f"not {guide.name}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,7 @@ class LatentModel:
         return next(self.unet.parameters()).device
 
     unet_fn = None                      # set by `fast_path`: the compiled UNet
+    vq_decode_fn = None                 # set by `fast_path`: the compiled VQ decoder (latents already quantised)
     vq_dtype: torch.dtype | None = None  # set by `fast_path`: VQ autocast dtype (None: float32)
 
     def model_fn(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -95,11 +97,15 @@ class LatentModel:
         vq_dtype; the result is float32 either way."""
         self.counter.vq_decode += latent.shape[0]
         latent, quantize = latent.float(), True
-        if self.vq_dtype is not None:                   # the codebook search stays float32
+        if self.vq_dtype is not None or self.vq_decode_fn is not None:   # the codebook search stays float32
             with torch.autocast(latent.device.type, enabled=False):
                 latent, quantize = self.vq.quantize(latent)[0], False
         with self._vq_autocast(latent.device):
-            return self.vq.decode(latent, quantize=quantize).float().clamp(-1, 1)
+            if self.vq_decode_fn is None:
+                return self.vq.decode(latent, quantize=quantize).float().clamp(-1, 1)
+            if latent.shape[0] > 1:         # one graph for every batch > 1 (the samplers use many sizes)
+                torch._dynamo.mark_dynamic(latent, 0)
+            return self.vq_decode_fn(latent).float().clamp(-1, 1)
 
 
 @dataclass
@@ -178,11 +184,11 @@ def check_cdm_fits(cdm: ConditionDiT, m: ZoomLDM, mag_index: int) -> None:
         raise ValueError(f"--cdm-ckpt knows {cdm.config.mag_levels} magnifications; index {mag_index} is outside")
 
 
-def fast_path(m: LatentModel, compile: bool = False, vq_precision: str = "fp32") -> LatentModel:
-    """The CUDA fast path of issue #8 on a loaded model, in place: channels-last UNet and VQ, optionally
-    torch.compile of the UNet forward (the VQ stays eager: the samplers call it at many batch sizes, each a
-    recompile), VQ passes in bf16 (`vq_precision`). No-op on CPU (nothing there is faster for it). Results
-    change only by the rounding of the chosen precisions."""
+def fast_path(m: LatentModel, compile: bool = False, vq_precision: str = "fp32",
+              compile_cache: str | Path | None = None) -> LatentModel:
+    """The CUDA fast path of issue #8 on a loaded model, in place: channels-last UNet and VQ, VQ passes in bf16
+    (`vq_precision`) and, with `compile`, torch.compile of the UNet and the VQ decoder (`compile_networks`). No-op
+    on CPU (nothing there is faster for it). Results change only by the rounding of the chosen precisions."""
     if vq_precision not in ("fp32", "bf16"):
         raise ValueError(f"vq_precision must be fp32 or bf16, got {vq_precision!r}")
     if m.device.type != "cuda":
@@ -191,8 +197,21 @@ def fast_path(m: LatentModel, compile: bool = False, vq_precision: str = "fp32")
     m.vq.to(memory_format=torch.channels_last)
     m.vq_dtype = torch.bfloat16 if vq_precision == "bf16" else None
     if compile:
-        m.unet_fn = torch.compile(m.unet)
+        compile_networks(m, compile_cache=compile_cache)
     return m
+
+
+def compile_networks(m: LatentModel, backend: str = "inductor", compile_cache: str | Path | None = None) -> None:
+    """torch.compile, in place, of the UNet forward (dynamic shapes: one graph for every batch size) and of the
+    VQ decoder after the codebook search, which stays eager in float32 (`LatentModel.decode` marks the batch
+    dimension dynamic: one graph for batches > 1, one for batch 1). Compiling happens at the first call of each
+    (minutes on a GPU for the paper UNet); `compile_cache` points the kernel cache (TORCHINDUCTOR_CACHE_DIR,
+    unless set in the environment) at a directory that outlives the job, so later jobs reuse the kernels."""
+    if compile_cache is not None:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(compile_cache).resolve()))
+    vq = m.vq
+    m.unet_fn = torch.compile(m.unet, dynamic=True, backend=backend)
+    m.vq_decode_fn = torch.compile(lambda z: vq.decode(z, quantize=False), backend=backend)
 
 
 @torch.no_grad()

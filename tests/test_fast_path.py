@@ -1,0 +1,105 @@
+"""The compiled networks of the CUDA fast path (issue #8), checked on CPU: `compile_networks` wires the UNet and
+the VQ decoder through torch.compile, the decode keeps the eager codebook search and gives the eager result, one
+graph serves every batch size > 1, and the kernel cache directory is honoured."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from zoomldm.models.unet import UNet, UNetConfig
+from zoomldm.models.vq import VQConfig, VQModel
+from zoomldm.sampling import denoisers as dn
+
+
+def tiny_model() -> dn.ZoomLDM:
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                           context_dim=32, image_size=8)).eval()
+    vq = VQModel(VQConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, n_embed=64, resolution=32)).eval()
+    return dn.ZoomLDM(unet, None, vq, None, "test")
+
+
+class CountingBackend:
+    """A torch.compile backend that runs the traced graph as is and counts the graphs it was given."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_compiled_decode_equals_eager_and_one_graph_serves_every_batch_above_one():
+    m = tiny_model()
+    g = torch.Generator().manual_seed(1)
+    batches = {b: torch.randn(b, 3, 8, 8, generator=g) for b in (2, 3, 5, 1)}
+    want = {b: m.decode(z) for b, z in batches.items()}
+    backend = CountingBackend()
+    dn.compile_networks(m, backend=backend)
+    assert m.vq_decode_fn is not None and m.unet_fn is not None
+    got = {}
+    for b in (2, 3, 5):
+        got[b] = m.decode(batches[b])
+        if b == 2:
+            after_first = backend.graphs
+    assert after_first >= 1 and backend.graphs == after_first          # batches 3 and 5: no new graph
+    got[1] = m.decode(batches[1])                                      # batch 1 is specialised: its own graph
+    for b in batches:
+        torch.testing.assert_close(got[b], want[b], rtol=0, atol=1e-6)
+    assert m.counter.vq_decode == 2 * sum(batches)                     # the counter still sees every patch
+
+
+@torch.no_grad()
+def test_compiled_unet_equals_eager_with_dynamic_batch():
+    m = tiny_model()
+    x, t, ctx = torch.randn(4, 3, 8, 8), torch.tensor([1, 200, 500, 999]), torch.randn(4, 5, 32)
+    want = m.model_fn(x, t, ctx)
+    backend = CountingBackend()
+    dn.compile_networks(m, backend=backend)
+    got = m.model_fn(x, t, ctx)
+    n = backend.graphs
+    m.model_fn(x[:3], t[:3], ctx[:3])
+    assert n >= 1 and backend.graphs == n                              # dynamic=True: no recompile
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert m.counter.unet == 4 + 4 + 3
+
+
+def test_compile_cache_points_inductor_at_the_directory_unless_the_environment_says(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    dn.compile_networks(tiny_model(), backend=CountingBackend(), compile_cache="cache")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    dn.compile_networks(tiny_model(), backend=CountingBackend(), compile_cache="cache")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"
+
+
+def test_fast_path_is_a_no_op_on_cpu_and_rejects_a_bad_precision():
+    m = tiny_model()
+    assert dn.fast_path(m, compile=True, vq_precision="bf16") is m
+    assert m.unet_fn is None and m.vq_decode_fn is None and m.vq_dtype is None
+    with pytest.raises(ValueError, match="vq_precision"):
+        dn.fast_path(m, vq_precision="fp16")
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_inductor_compiles_the_vq_decoder(tmp_path, monkeypatch):
+    """The real backend (C++ kernels on CPU, Triton on a GPU) compiles the decoder graph and matches eager."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    m = tiny_model()
+    z = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    want = m.decode(z)
+    dn.compile_networks(m)                       # compiles lazily: only the decoder is called here
+    torch.testing.assert_close(m.decode(z), want, rtol=1e-4, atol=1e-4)
