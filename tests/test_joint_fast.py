@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from test_joint import AB, G, SCHED, SHAPE, gauss_eps, run, vq_decode, vq_encode
 from zoomldm.diffusion import randn_items, step_noise_fn
-from zoomldm.diffusion.blend import count_windows, decode_large
+from zoomldm.diffusion.blend import count_windows, decode_large, patch_windows
 from zoomldm.diffusion.blend_fast import blend_decode_count, blend_weights, decode_large_fast
 from zoomldm.diffusion.joint import JointConfig, _Step, pixel_iteration
 from zoomldm.diffusion.joint_fast import FastJointConfig, joint_linear_sample, joint_sample, linear_iteration
@@ -235,6 +235,25 @@ def test_stride_equal_window_is_per_tile_decode():
     per_tile = tiles.reshape(3, 3, 3, 16, 16).permute(2, 0, 3, 1, 4).reshape(1, 3, 48, 48)  # (1, 3, 48, 48)
     assert n == 9
     torch.testing.assert_close(image, per_tile.clamp(-1, 1))
+
+
+def test_blend_reuses_known_patch_windows():
+    """Windows given in `known` (the sampler's final per-patch decodes) are not decoded again and the blend is
+    the same; origins off the window grid are ignored."""
+    def dec(z):   # non-equivariant: a wrong window anywhere would show
+        return F.interpolate(z - z.mean(dim=(2, 3), keepdim=True), scale_factor=2).tanh()
+
+    latent = torch.randn(1, 3, 32, 32)
+    patches = torch.cat([latent[:, :, i:i + 8, j:j + 8] for i in range(0, 32, 8) for j in range(0, 32, 8)])
+    known = patch_windows(dec(patches), 4, 8)
+    assert set(known) == {(i, j) for i in range(0, 32, 8) for j in range(0, 32, 8)}
+    for stride, reused in [(4, 16), (8, 16), (6, 4)]:             # stride 6: origins 0, 6, 12, 18, 24
+        calls = []
+        want, n = decode_large(latent, dec, 8, stride, batch=5, return_count=True)
+        got, m = decode_large(latent, lambda z: calls.append(z.shape[0]) or dec(z), 8, stride, batch=5,
+                              return_count=True, known=known)
+        assert m == n - reused == sum(calls)
+        torch.testing.assert_close(got, want)
 
 
 def test_blend_weights_and_half_stride_decode():

@@ -19,6 +19,7 @@ from PIL import Image
 from conftest import perturb, toy_regions
 from zoomldm.cli.main import main
 from zoomldm.data import store as st
+from zoomldm.diffusion.blend import count_windows
 from zoomldm.data.regions import pooled_grid
 from zoomldm.models.cdm import CDMConfig, ConditionDiT
 from zoomldm.models.checkpoint import save_checkpoint
@@ -308,6 +309,8 @@ def test_large_linear_cut_is_a_config_choice(env, tmp_path):
     h = P // 4
     assert (ref["decode_stride"], cut["decode_stride"]) == (h // 4, h // 2)
     assert cut["blend_vq_decodes"] < ref["blend_vq_decodes"]
+    for rec in (ref, cut):      # the 16 whole-patch windows reuse the final per-patch decodes
+        assert rec["blend_vq_decodes"] == count_windows(4 * h, 4 * h, h, rec["decode_stride"]) - n
     ok(run(*base, "--out", tmp_path / "k1", "--constraint-mode", "linear", "--inner-steps", 1, "--decode-stride", 1))
     k1 = json.loads((tmp_path / "k1" / "0.json").read_text())
     assert (k1["inner_steps"], k1["decode_stride"], k1["joint_vq_decodes"]) == (1, 1, steps * (1 + n))

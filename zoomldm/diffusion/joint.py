@@ -109,6 +109,8 @@ class JointResult:
     vq_encodes: int
     final_vq_decodes: int
     consistency_mae: float        # mean |A(decode(patch)) − guide tile| on the [0, 255] scale (both clamped)
+    patch_images: Tensor | None = None   # (g*g, 3, P, P) decode(patch) of the final patches (float32, as decoded,
+    #                                      before the clamp): the blended decode reuses them for whole-patch windows
 
 
 def inf_normalize(x: Tensor) -> Tensor:
@@ -245,10 +247,11 @@ def joint_multiscale_sample(eps_fn: JointEpsFn, encode: ImageFn, decode: ImageFn
             callback(dict(i=i, t=t, x_guide=x_g, x_patches=x_p, guide_image=image_g))
 
     # Final guide image and the consistency of the patches with it (not part of the loop counters).
-    image_g, mae, final_dec = pixel_consistency(decode, x_g, x_p, None if not fixed_guide else image_g, grid,
-                                                cfg.patch_batch)
+    image_g, mae, final_dec, images = pixel_consistency(decode, x_g, x_p, None if not fixed_guide else image_g,
+                                                        grid, cfg.patch_batch)
     return JointResult(guide_latent=x_g, patch_latents=x_p, guide_image=image_g, unet_forwards=unet,
-                       vq_decodes=dec, vq_encodes=enc, final_vq_decodes=final_dec, consistency_mae=mae)
+                       vq_decodes=dec, vq_encodes=enc, final_vq_decodes=final_dec, consistency_mae=mae,
+                       patch_images=images)
 
 
 def check_inputs(name: str, schedule: Schedule, x_guide: Tensor | None, x_patches: Tensor, grid: int,
@@ -288,10 +291,11 @@ def pixel_iteration(eps_fn: JointEpsFn, encode: ImageFn, decode: ImageFn, step: 
 
 @torch.no_grad()
 def pixel_consistency(decode: ImageFn, x_guide: Tensor | None, x_patches: Tensor, guide_image: Tensor | None,
-                      grid: int, patch_batch: int) -> tuple[Tensor, float, int]:
-    """(guide image, consistency MAE on [0, 255], decodes done) after sampling: clamp(D(guide)) (or the fixed
-    guide image) cut into tiles, each patch decoded and clamped, A in pixel space, mean |A(patch) − tile|."""
-    n, final_dec = x_patches.shape[0], 0
+                      grid: int, patch_batch: int) -> tuple[Tensor, float, int, Tensor]:
+    """(guide image, consistency MAE on [0, 255], decodes done, the decoded patches) after sampling:
+    clamp(D(guide)) (or the fixed guide image) cut into tiles, each patch decoded and clamped, A in pixel space,
+    mean |A(patch) − tile|."""
+    n, final_dec, images = x_patches.shape[0], 0, []
     image_g = guide_image
     if image_g is None:
         image_g = decode(x_guide).clamp(-1, 1)
@@ -300,10 +304,13 @@ def pixel_consistency(decode: ImageFn, x_guide: Tensor | None, x_patches: Tensor
     abs_err = x_patches.new_zeros(())
     for start in range(0, n, patch_batch):
         sl = slice(start, min(start + patch_batch, n))
-        image = decode(x_patches[sl]).clamp(-1, 1)
+        raw = decode(x_patches[sl])
+        images.append(raw.float())
+        image = raw.clamp(-1, 1)
         final_dec += image.shape[0]
         abs_err = abs_err + (downscale(image, _factor(image, tiles)) - tiles[sl]).abs().float().sum()
-    return image_g, float(abs_err) * 127.5 / tiles.numel(), final_dec          # [−1, 1] -> [0, 255]: × 255/2
+    mae = float(abs_err) * 127.5 / tiles.numel()                                # [−1, 1] -> [0, 255]: × 255/2
+    return image_g, mae, final_dec, torch.cat(images)
 
 
 def _factor(image: Tensor, tiles: Tensor) -> int:

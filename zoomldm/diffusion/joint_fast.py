@@ -147,6 +147,7 @@ def joint_linear_sample(eps_fn: JointEpsFn, linear_vq: LinearVQ, decode: ImageFn
         if callback is not None:
             callback(dict(i=i, t=t, x_guide=x_g, x_patches=x_p, guide_image=image_g))
 
-    image_g, mae, final_dec = pixel_consistency(decode, x_g, x_p, guide_image, grid, cfg.patch_batch)
+    image_g, mae, final_dec, images = pixel_consistency(decode, x_g, x_p, guide_image, grid, cfg.patch_batch)
     return JointResult(guide_latent=x_g, patch_latents=x_p, guide_image=image_g, unet_forwards=unet,
-                       vq_decodes=dec, vq_encodes=0, final_vq_decodes=final_dec, consistency_mae=mae)
+                       vq_decodes=dec, vq_encodes=0, final_vq_decodes=final_dec, consistency_mae=mae,
+                       patch_images=images)

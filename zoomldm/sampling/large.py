@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from zoomldm.diffusion import randn_items, step_noise_fn
-from zoomldm.diffusion.blend import decode_large
+from zoomldm.diffusion.blend import decode_large, patch_windows
 from zoomldm.diffusion.joint import JointConfig, assemble
 from zoomldm.diffusion.joint_fast import joint_sample
 from zoomldm.diffusion.resize import downscale
@@ -85,7 +85,8 @@ def sample_large(m: dn.ZoomLDM, i: int, grid: int, guide_mag, seed: int, jcfg: J
     linear = getattr(jcfg, "constraint_mode", "reference") == "linear"
     stride = decode_stride or max(1, h // (2 if linear else 4))
     image_t, n_windows = decode_large(assemble(res.patch_latents, grid), m.decode, window=h, stride=stride,
-                                      batch=window_batch, return_count=True)
+                                      batch=window_batch, return_count=True,
+                                      known=patch_windows(res.patch_images, grid, h))
     image, guide = to_uint8(image_t)[0], to_uint8(res.guide_image)[0]
     seconds = time.perf_counter() - start
     record = {

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from zoomldm.data.regions import TOKEN_EPS
 from zoomldm.diffusion import Schedule, randn_items, step_noise_fn
-from zoomldm.diffusion.blend import decode_large
+from zoomldm.diffusion.blend import decode_large, patch_windows
 from zoomldm.diffusion.joint import (
     JointConfig, JointResult, assemble, cfg_joint_eps_fn, joint_multiscale_sample,
 )
@@ -195,7 +195,8 @@ def super_resolve(unet: nn.Module, summarizer: nn.Module, encode: ImageFn, decod
 
     window = window or shape[-1]
     stride = stride or max(1, window // 4)
-    image, n_dec = decode_large(assemble(joint.patch_latents, g), decode, window, stride, return_count=True)
+    image, n_dec = decode_large(assemble(joint.patch_latents, g), decode, window, stride, return_count=True,
+                                known=patch_windows(joint.patch_images, g, window) if window == shape[-1] else None)
     back = downscale(image, g).clamp(-1, 1)                                          # A(SR): (1, 3, P, P)
     mae = float((back - lr_image.clamp(-1, 1)).abs().mean()) * 127.5
     score = psnr(to_uint8(back), to_uint8(lr_image))
