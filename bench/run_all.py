@@ -1,18 +1,22 @@
 """Every GPU number of issues 3, 4, 5 and 8 in one command, one table (run it on a lent H100/H200):
 
     PYTHONUNBUFFERED=1 python bench/run_all.py --out $OUT --no-compile   # paper preset, random weights, ~6 min
-    PYTHONUNBUFFERED=1 python bench/run_all.py --out $OUT                # + the compiled UNet: ~4.5 min more
+    PYTHONUNBUFFERED=1 python bench/run_all.py --out $OUT                # + the compiled UNet and VQ decoder
     python bench/run_all.py --smoke                                     # CPU plumbing check (small preset)
     python bench/run_all.py --only large profile ...                    # a subset of the sections below
 
-Sections (in order): "UNet eager", "UNet compile", VQ, patches, large, diag, large4k, profile, training.
-The minutes add up the three 2026-11-26 runs of bench/RESULTS.md (each ran a subset within one lease).
+Sections (in order): "UNet eager", "UNet compile", VQ, patches, large, diag, profile, training. Without
+--no-compile, "UNet compile" compiles the UNet (~255 s on an H100) and VQ compiles the decoder; every later
+section then samples with them (rows say "compiled"). The next run planned for issue 8 (~8 min):
+
+    python bench/run_all.py --out $OUT --only "UNet compile" VQ patches large profile --budget 500
 
 Rows: ms per UNet sample-forward at batch 34 and 128 (bf16 autocast, channels-last, eager and torch.compile);
-ms per VQ decode of one patch (fp32, bf16); patch images/s at 50 DDIM steps + CFG (batch 64, compiled UNet,
-bf16 VQ decode); seconds per 1024² and 4096² image for the reference joint algorithm and for the linear cut
-(`constraint_mode: linear`), with their UNet sample-forwards and VQ passes; training samples/s (UNet +
-Summarizer, AdamW, bf16, batch 64). Random weights: time does not depend on them.
+ms per VQ decode of one patch (fp32, bf16, compiled bf16) and of its codebook search alone; patch images/s at
+50 DDIM steps + CFG (batch 64, bf16 VQ decode); seconds per 1024² and 4096² image for the reference joint
+algorithm and for the linear cut with the settings of `sample.large.cut` (all outer steps constrained, and the
+first 14 of 20), with their UNet sample-forwards and VQ passes; training samples/s (UNet + Summarizer, AdamW,
+bf16, batch 64). Random weights: time does not depend on them.
 
 The reference algorithm is timed on its first `--ref-steps` outer steps of a 1024² image and scaled to 20
 (every outer step does the same work), and its 4096² time is that per-patch cost × 257/17 (the work is linear
@@ -37,8 +41,9 @@ from sample_large import build  # noqa: E402
 from unet_forward import PAPER_GFLOP, time_forward  # noqa: E402
 
 from zoomldm.diffusion import ddim_sample, randn_items, step_noise_fn  # noqa: E402
-from zoomldm.diffusion.blend import decode_large  # noqa: E402
+from zoomldm.diffusion.blend import decode_large, patch_windows  # noqa: E402
 from zoomldm.diffusion.joint import assemble  # noqa: E402
+from zoomldm.config import LinearCutConfig  # noqa: E402
 from zoomldm.diffusion.joint_fast import FastJointConfig, joint_sample  # noqa: E402
 from zoomldm.models.summarizer import SUMMARIZER_PRESETS  # noqa: E402
 from zoomldm.sampling import denoisers as dn  # noqa: E402
@@ -88,7 +93,9 @@ def unet_rows(m, device, batches, iters, out, compiled):
                 batch=b, mode=mode)
 
 
-def vq_rows(m, device, out):
+def vq_rows(m, device, out, compile_vq=False):
+    """ms per decoded patch: eager fp32 and bf16 at batch 16; with `compile_vq` also the compiled decoder (bf16,
+    batch 16 and 64, compile time apart), which the later sections then use (`dn.compile_networks`)."""
     h = m.latent_side
     z = torch.randn(16, 3, h, h, device=device)
     for prec in ("fp32", "bf16"):
@@ -97,6 +104,28 @@ def vq_rows(m, device, out):
         _, s = timed(lambda: [m.decode(z) for _ in range(3)], device)
         row("VQ decode", f"batch 16, {prec}", f"{s / 48 * 1e3:.2f} ms/patch", f"{m.patch_px}² px", out,
             ms_per_patch=s / 48 * 1e3, precision=prec)
+    if device.type == "cuda":   # eager GroupNorm may not take channels-last inputs natively: time NCHW too
+        m.vq.to(memory_format=torch.contiguous_format)
+        m.decode(z)
+        _, s = timed(lambda: [m.decode(z) for _ in range(3)], device)
+        m.vq.to(memory_format=torch.channels_last)
+        row("VQ decode", "batch 16, bf16, NCHW weights (not channels-last)", f"{s / 48 * 1e3:.2f} ms/patch", "eager",
+            out, ms_per_patch=s / 48 * 1e3, precision="bf16-nchw")
+    with torch.autocast(device.type, enabled=False):
+        _, s = timed(lambda: [m.vq.quantize(z.float()) for _ in range(3)], device)
+    row("VQ decode", "codebook search alone, batch 16, fp32", f"{s / 48 * 1e3:.2f} ms/patch", "eager, in every "
+        "decode", out, ms_per_patch=s / 48 * 1e3, precision="fp32-quantize")
+    if not compile_vq:
+        return
+    unet_fn = m.unet_fn
+    dn.compile_networks(m)                     # the UNet's compiled module is kept (or none, eager) below
+    m.unet_fn = unet_fn
+    for b in (16, 64):
+        zb = torch.randn(b, 3, h, h, device=device)
+        _, s_first = timed(lambda: m.decode(zb), device)
+        _, s = timed(lambda: [m.decode(zb) for _ in range(3)], device)
+        row("VQ decode", f"batch {b}, bf16, compiled (batch dim dynamic)", f"{s / (3 * b) * 1e3:.2f} ms/patch",
+            f"first call (compile) {s_first:.0f} s", out, ms_per_patch=s / (3 * b) * 1e3, precision="bf16-compiled")
 
 
 def patch_rows(m, device, d, out, n=64, steps=50):
@@ -137,7 +166,8 @@ def large_once(m, device, grid, cfg, linear_vq, stride, guide_ctx, patch_ctx, wi
                                 linear_vq=linear_vq)
         res, s_sample = timed(sample, device)
         _, s_blend = timed(lambda: decode_large(assemble(res.patch_latents, grid), m.decode, window=h,
-                                                stride=stride, batch=window_batch), device)
+                                                stride=stride, batch=window_batch,
+                                                known=patch_windows(res.patch_images, grid, h)), device)
     return res, s_sample, s_blend, m.counter.as_dict()
 
 
@@ -147,7 +177,7 @@ def large_rows(m, device, d, out, budget, smoke, ref_steps):
     big = 4 if smoke else 16
     # reference: fp32 VQ (its finite differences through the encoder), patch batch 16 (official pattern),
     # timed on its first ref_steps outer steps (t = 1000, 950, ... as in the full run)
-    m.vq_dtype = None
+    m.vq_dtype, vq_decode_fn, m.vq_decode_fn = None, m.vq_decode_fn, None   # official: eager fp32 VQ
     steps, k_ref = (2, 2) if smoke else (20, 10)
     n_part = min(ref_steps, steps)
     part = FastJointConfig(steps=n_part, inner_steps=k_ref, patch_batch=16)
@@ -162,27 +192,36 @@ def large_rows(m, device, d, out, budget, smoke, ref_steps):
     ref_4k = ref_1k * (1 + 16 * 16) / (1 + 4 * 4)
     row(f"large {16 * m.patch_px}²", "reference (same)", f"{ref_4k:.0f} s", "extrapolated: 4 x 4 time × 257/17", out,
         seconds=ref_4k, algo="reference", grid=16)
+    m.vq_decode_fn = vq_decode_fn
 
-    # the cut: linear constraint, all patches in one batch, bf16 VQ, decode stride window/2
-    m.vq_dtype = torch.bfloat16 if device.type == "cuda" else None
+    # the cut with the settings of sample.large.cut (K = 1, patch batch 64, bf16 VQ, decode stride window/2), all
+    # outer steps constrained and the first 14 of 20
+    cut = LinearCutConfig()
+    m.vq_dtype = torch.bfloat16 if device.type == "cuda" and cut.vq_precision == "bf16" else None
     t0 = time.perf_counter()
     lin = dn.linear_vq_for(m)              # random codebook latents: random weights have no store
     row("linear VQ fit", "64 latents, least squares", f"{time.perf_counter() - t0:.2f} s", "once per run", out)
-    plan = [(1, 4, True), (1, 4, False), (1, big, False), (2, 4, False), (2, big, False), (1, big, False)]
-    for k, grid, warm in plan:
+    steps = 2 if smoke else 20
+    nets = "compiled UNet" if m.unet_fn is not None else "eager UNet"
+    nets += " + compiled VQ" if m.vq_decode_fn is not None else ", eager VQ"
+    stride = cut.decode_stride or max(1, h // 2)
+    plan = [(4, None, True), (4, None, False), (big, None, False), (4, steps * 7 // 10, False),
+            (big, steps * 7 // 10, False)]
+    for grid, n_con, warm in plan:
         if grid == 16 and budget.left() < 60:
-            row(f"large {grid * m.patch_px}²", f"linear K = {k}", "skipped", "time budget", out)
+            row(f"large {grid * m.patch_px}²", "linear cut", "skipped", "time budget", out)
             continue
-        n = grid * grid      # all patches in one batch (4096²: two of 128/129, to bound memory)
-        c = FastJointConfig(steps=2 if smoke else 20, inner_steps=k, patch_batch=n if n <= 64 else 129,
-                            constraint_mode="linear")
-        res, s, s_blend, cnt = large_once(m, device, grid, c, lin, max(1, h // 2), *ctx[grid])
+        c = FastJointConfig(steps=steps, inner_steps=cut.inner_steps, patch_batch=cut.patch_batch,
+                            constraint_mode="linear", constraint_steps=n_con)
+        res, s, s_blend, cnt = large_once(m, device, grid, c, lin, stride, *ctx[grid])
         if warm:
             continue
-        row(f"large {grid * m.patch_px}²", f"linear K = {k} ({c.steps} steps, patch batch {c.patch_batch}, bf16 VQ, "
-            f"stride {max(1, h // 2)})", f"{s + s_blend:.1f} s",
+        which = "all" if n_con is None else f"first {n_con} of"
+        row(f"large {grid * m.patch_px}²", f"linear cut (K = {c.inner_steps}, constraint on {which} {steps} steps, "
+            f"patch batch {c.patch_batch}, {cut.vq_precision} VQ, stride {stride}; {nets})", f"{s + s_blend:.1f} s",
             f"sampling {s:.1f} s + blend {s_blend:.1f} s; {cnt['unet_forwards']:,} UNet, {cnt['vq_decodes']:,} VQ "
-            f"decodes, 0 encodes", out, seconds=s + s_blend, algo=f"linear-K{k}", grid=grid, **cnt)
+            f"decodes, 0 encodes", out, seconds=s + s_blend, algo=f"linear-K{c.inner_steps}-{n_con or steps}",
+            grid=grid, **cnt)
 
 
 def diag_rows(m, device, out):
@@ -212,26 +251,6 @@ def diag_rows(m, device, out):
         _, s = timed(lambda: [m.decode(z) for _ in range(2)], device)
         row("VQ decode", f"batch {b}, bf16, cudnn.benchmark", f"{s / (2 * b) * 1e3:.2f} ms/patch", "", out,
             ms_per_patch=s / (2 * b) * 1e3)
-
-
-def large4k_rows(m, device, d, out, smoke):
-    """The linear cut at 4096² with the constraint on the first 14 of 20 outer steps (cuDNN benchmark on)."""
-    h, big = m.latent_side, 4 if smoke else 16
-    torch.backends.cudnn.benchmark = True          # as in the diag section (no gain measured there)
-    ctx = contexts(d, device)
-    m.vq_dtype = torch.bfloat16 if device.type == "cuda" else None
-    lin = dn.linear_vq_for(m)
-    steps = 2 if smoke else 20
-    for grid, warm in [(4, True), (big, False)]:
-        n = grid * grid
-        c = FastJointConfig(steps=steps, inner_steps=1, patch_batch=n if n <= 64 else 129, constraint_mode="linear",
-                            constraint_steps=steps * 7 // 10)
-        res, s, s_blend, cnt = large_once(m, device, grid, c, lin, max(1, h // 2), *ctx[grid])
-        if not warm:
-            row(f"large {grid * m.patch_px}²", f"linear K = 1, constraint on the first {c.constraint_steps} of "
-                f"{steps} steps, cudnn.benchmark", f"{s + s_blend:.1f} s",
-                f"sampling {s:.1f} s + blend {s_blend:.1f} s; {cnt['unet_forwards']:,} UNet, "
-                f"{cnt['vq_decodes']:,} VQ decodes", out, seconds=s + s_blend, algo="linear-K1-14of20", grid=grid)
 
 
 def profile_rows(m, device, d, out, smoke):
@@ -299,11 +318,10 @@ def main() -> None:
         ("UNet eager", 20, lambda: unet_rows(m, device, [34, 128] if cuda else [2], 20 if cuda else 2, args.out,
                                              None)),
         ("UNet compile", 200, lambda: compile_and_time()),
-        ("VQ", 20, lambda: vq_rows(m, device, args.out)),
+        ("VQ", 20, lambda: vq_rows(m, device, args.out, cuda and not args.no_compile)),
         ("patches", 40, lambda: patch_rows(m, device, d, args.out, *((64, 50) if cuda else (2, 5)))),
         ("large", 120, lambda: large_rows(m, device, d, args.out, budget, args.smoke, args.ref_steps)),
         ("diag", 15, lambda: diag_rows(m, device, args.out)),
-        ("large4k", 60, lambda: large4k_rows(m, device, d, args.out, args.smoke)),
         ("profile", 30, lambda: profile_rows(m, device, d, args.out, args.smoke)),
         ("training", 40, lambda: (free_sampling(), train_rows(device, preset, args.out))),
     ]
@@ -321,7 +339,7 @@ def main() -> None:
         m.unet_fn = compiled
 
     def free_sampling():
-        m.unet_fn = None
+        m.unet_fn = m.vq_decode_fn = None
         for attr in ("unet", "vq"):
             setattr(m, attr, None)
         if cuda:
