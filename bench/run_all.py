@@ -251,6 +251,9 @@ def diag_rows(m, device, out):
         _, s = timed(lambda: [m.decode(z) for _ in range(2)], device)
         row("VQ decode", f"batch {b}, bf16, cudnn.benchmark", f"{s / (2 * b) * 1e3:.2f} ms/patch", "", out,
             ms_per_patch=s / (2 * b) * 1e3)
+    # off again: with it on, every new batch shape autotunes every convolution inside the next timed run (the
+    # likely cause of run 3's 4096² row saving 2.2 s instead of 7.6 s: its 4096² batch shapes were new)
+    torch.backends.cudnn.benchmark = False
 
 
 def profile_rows(m, device, d, out, smoke):
