@@ -93,13 +93,13 @@ def test_fast_path_is_a_no_op_on_cpu_and_rejects_a_bad_precision():
         dn.fast_path(m, vq_precision="fp16")
 
 
-@pytest.mark.slow
 @torch.no_grad()
-def test_inductor_compiles_the_vq_decoder(tmp_path, monkeypatch):
-    """The real backend (C++ kernels on CPU, Triton on a GPU) compiles the decoder graph and matches eager."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+def test_aot_tracing_of_the_vq_decoder_matches_eager():
+    """The decoder graph goes through AOTAutograd and the decompositions inductor starts from (`aot_eager`) and
+    gives the eager result. (Inductor's own code generation runs on the GPU benchmark: on CPU it takes ~40 s
+    and exercises the C++ backend, not Triton.)"""
     m = tiny_model()
     z = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     want = m.decode(z)
-    dn.compile_networks(m)                       # compiles lazily: only the decoder is called here
-    torch.testing.assert_close(m.decode(z), want, rtol=1e-4, atol=1e-4)
+    dn.compile_networks(m, backend="aot_eager")          # compiles lazily: only the decoder is called here
+    torch.testing.assert_close(m.decode(z), want, rtol=1e-5, atol=1e-5)
