@@ -264,7 +264,9 @@ def profile_rows(m, device, d, out, smoke):
     guide_ctx, patch_ctx = contexts(d, device)[4]
     m.vq_dtype = torch.bfloat16 if device.type == "cuda" else None
     lin = dn.linear_vq_for(m)
-    c = FastJointConfig(steps=2 if smoke else 20, inner_steps=1, patch_batch=16, constraint_mode="linear")
+    cut = LinearCutConfig()
+    c = FastJointConfig(steps=2 if smoke else 20, inner_steps=cut.inner_steps, patch_batch=cut.patch_batch,
+                        constraint_mode="linear")
     large_once(m, device, 4, c, lin, max(1, h // 2), guide_ctx, patch_ctx)                # warm-up
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
