@@ -101,10 +101,9 @@ class LatentModel:
             with torch.autocast(latent.device.type, enabled=False):
                 latent, quantize = self.vq.quantize(latent)[0], False
         with self._vq_autocast(latent.device):
-            if self.vq_decode_fn is None:
+            if self.vq_decode_fn is None or latent.shape[0] == 1:    # batch 1 (the guide): not worth a compile
                 return self.vq.decode(latent, quantize=quantize).float().clamp(-1, 1)
-            if latent.shape[0] > 1:         # one graph for every batch > 1 (the samplers use many sizes)
-                torch._dynamo.mark_dynamic(latent, 0)
+            torch._dynamo.mark_dynamic(latent, 0)       # one graph for every batch > 1 (the samplers use many)
             return self.vq_decode_fn(latent).float().clamp(-1, 1)
 
 
@@ -204,7 +203,8 @@ def fast_path(m: LatentModel, compile: bool = False, vq_precision: str = "fp32",
 def compile_networks(m: LatentModel, backend: str = "inductor", compile_cache: str | Path | None = None) -> None:
     """torch.compile, in place, of the UNet forward (dynamic shapes: one graph for every batch size) and of the
     VQ decoder after the codebook search, which stays eager in float32 (`LatentModel.decode` marks the batch
-    dimension dynamic: one graph for batches > 1, one for batch 1). Compiling happens at the first call of each
+    dimension dynamic: one graph for every batch > 1; batch 1, the guide, stays eager: a 1-of-257 share of the
+    decodes is not worth a second compile). Compiling happens at the first call of each
     (minutes on a GPU for the paper UNet); `compile_cache` points the kernel cache (TORCHINDUCTOR_CACHE_DIR,
     unless set in the environment) at a directory that outlives the job, so later jobs reuse the kernels."""
     if compile_cache is not None:
