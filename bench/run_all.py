@@ -111,6 +111,15 @@ def vq_rows(m, device, out, compile_vq=False):
         m.vq.to(memory_format=torch.channels_last)
         row("VQ decode", "batch 16, bf16, NCHW weights (not channels-last)", f"{s / 48 * 1e3:.2f} ms/patch", "eager",
             out, ms_per_patch=s / 48 * 1e3, precision="bf16-nchw")
+    if device.type == "cuda":   # bf16 weights, no autocast: GroupNorm and SiLU stay bf16 (autocast runs them fp32)
+        import copy
+        vq16 = copy.deepcopy(m.vq).to(torch.bfloat16)
+        zq = m.vq.quantize(z)[0].to(torch.bfloat16)
+        vq16.decode(zq, quantize=False)
+        _, s = timed(lambda: [vq16.decode(zq, quantize=False) for _ in range(3)], device)
+        row("VQ decode", "batch 16, bf16 weights without autocast", f"{s / 48 * 1e3:.2f} ms/patch",
+            "eager; not wired into the samplers", out, ms_per_patch=s / 48 * 1e3, precision="bf16-weights")
+        del vq16
     with torch.autocast(device.type, enabled=False):
         _, s = timed(lambda: [m.vq.quantize(z.float()) for _ in range(3)], device)
     row("VQ decode", "codebook search alone, batch 16, fp32", f"{s / 48 * 1e3:.2f} ms/patch", "eager, in every "
