@@ -76,7 +76,8 @@ def test_compiled_unet_equals_eager_with_dynamic_batch():
 
 
 def test_compile_cache_points_inductor_at_the_directory_unless_the_environment_says(tmp_path, monkeypatch):
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset")      # recorded, so that teardown restores the original
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     monkeypatch.chdir(tmp_path)
     dn.compile_networks(tiny_model(), backend=CountingBackend(), compile_cache="cache")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache")

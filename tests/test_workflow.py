@@ -115,3 +115,28 @@ def test_released_weights_replace_training_in_the_plan(tmp_path):
     assert "train ldm --config" not in out and f"--ckpt {release}" in out     # sampling reads the release
     assert f"--vq {release}" in out                                           # ... and so does encode_latents
     assert "--cdm-ckpt resources/runs/brca/release/cdm.safetensors" in out or "cdm" not in cfg["sample"]["patches"]["cond"]
+
+
+def test_params_of_the_reference_large_jobs_ignore_the_cut_settings():
+    """A change of sample.large.cut reruns only the zoomldm_linear jobs: `section(..., drop=[...])` of
+    common.smk leaves the sub-key out of the other rules' params (their rerun trigger)."""
+    import ast
+    import json
+
+    from zoomldm.config import load_config, to_dict
+    src = (ROOT / "workflow/rules/common.smk").read_text()       # Snakemake syntax: cut the function out
+    start = src.index("def section(")
+    fn = ast.parse(src[start:src.index("\n\n\n", start)]).body[0]
+    ns = {"to_dict": to_dict}
+    a, b = load_config(ROOT / "workflow/configs/demo.yaml"), load_config(ROOT / "workflow/configs/demo.yaml")
+    b.sample.large.cut.inner_steps = 3
+    sections = {}
+    for name, cfg in (("a", a), ("b", b)):
+        ns["CFG"] = cfg
+        exec(compile(ast.Module([fn], []), "common.smk", "exec"), ns)
+        sections[name] = (ns["section"]("sample.seed", "sample.large", drop=["sample.large.cut"]),
+                          ns["section"]("sample.seed", "sample.large"))
+    assert sections["a"][0] == sections["b"][0] and "cut" not in json.loads(sections["a"][0])["sample.large"]
+    assert sections["a"][1] != sections["b"][1]
+    smk = (ROOT / "workflow/rules/sample.smk").read_text()
+    assert smk.count('drop=["sample.large.cut"]') == 2 and 'wc.variant == "zoomldm_linear" else ["sample.large.cut"]' in smk

@@ -29,8 +29,9 @@ if not os.path.exists(CONFIG) or open(CONFIG).read() != _resolved:
         f.write(_resolved)
 
 
-def section(*keys):
-    """The resolved values of config sections, as a stable string for a rule's params."""
+def section(*keys, drop=()):
+    """The resolved values of config sections, as a stable string for a rule's params (a change reruns the
+    rule's jobs); `drop` names sub-keys the rule does not read, e.g. "sample.large.cut"."""
     import json
 
     data = to_dict(CFG)
@@ -40,6 +41,9 @@ def section(*keys):
         for part in key.split("."):
             node = node[part]
         out[key] = node
+    for key in drop:                        # a direct sub-key of a listed section
+        parent, _, last = key.rpartition(".")
+        out[parent] = {k: v for k, v in out[parent].items() if k != last}
     return json.dumps(out, sort_keys=True)
 
 

@@ -181,7 +181,9 @@ rule sample_large:
         ENV
     params:
         cli=ZOOMLDM,
-        cfg=section("sample.seed", "sample.large"),
+        # the reference variants do not read sample.large.cut: changing it reruns only zoomldm_linear
+        cfg=lambda wc: section("sample.seed", "sample.large",
+                               drop=() if wc.variant == "zoomldm_linear" else ["sample.large.cut"]),
         n=lambda wc: N_LARGE[int(wc.grid)],
         flags=lambda wc, input: " ".join(
             (["--no-constraint"] if wc.variant.endswith("unconstrained") else [])
@@ -216,7 +218,7 @@ rule sample_graikos_large:
         ENV
     params:
         cli=ZOOMLDM,
-        cfg=section("sample.seed", "sample.large"),
+        cfg=section("sample.seed", "sample.large", drop=["sample.large.cut"]),
         n=lambda wc: N_LARGE[int(wc.grid)],
         out=lambda wc, output: os.path.dirname(output.image),
     shell:
@@ -295,7 +297,7 @@ rule sample_sr:
         ENV
     params:
         cli=ZOOMLDM,
-        cfg=section("sample.seed", "sample.sr", "sample.large"),
+        cfg=section("sample.seed", "sample.sr", "sample.large", drop=["sample.large.cut"]),
         flag=lambda wc: "--no-constraint" if wc.variant.endswith("unconstrained") else "--constraint",
         out=lambda wc, output: os.path.dirname(output.image),
     shell:

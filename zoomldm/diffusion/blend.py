@@ -31,7 +31,8 @@ def window_origins(side: int, window: int, stride: int) -> list[int]:
 
 
 def count_windows(height: int, width: int, window: int = 64, stride: int = 16) -> int:
-    """Number of VQ decodes ``decode_large`` performs on an (height, width) latent canvas."""
+    """Number of windows of ``decode_large`` on an (height, width) latent canvas: its VQ decodes, less those
+    of its ``known`` windows."""
     return len(window_origins(height, window, stride)) * len(window_origins(width, window, stride))
 
 
