@@ -81,9 +81,19 @@ def test_compile_cache_points_inductor_at_the_directory_unless_the_environment_s
     monkeypatch.chdir(tmp_path)
     dn.compile_networks(tiny_model(), backend=CountingBackend(), compile_cache="cache")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache")
+    assert (tmp_path / "cache").is_dir()
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
     dn.compile_networks(tiny_model(), backend=CountingBackend(), compile_cache="cache")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"
+
+
+def test_a_compile_cache_that_cannot_be_created_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"sample.compile_cache .*file/cache: cannot create"):
+        dn.compile_networks(tiny_model(), backend=CountingBackend(), compile_cache=tmp_path / "file" / "cache")
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
 
 
 def test_fast_path_is_a_no_op_on_cpu_and_rejects_a_bad_precision():

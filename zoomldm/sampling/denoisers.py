@@ -207,8 +207,13 @@ def compile_networks(m: LatentModel, backend: str = "inductor", compile_cache: s
     decodes is not worth a second compile). Compiling happens at the first call of each
     (minutes on a GPU for the paper UNet); `compile_cache` points the kernel cache (TORCHINDUCTOR_CACHE_DIR,
     unless set in the environment) at a directory that outlives the job, so later jobs reuse the kernels."""
-    if compile_cache is not None:
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(compile_cache).resolve()))
+    if compile_cache is not None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        path = Path(compile_cache).resolve()
+        try:                                 # now, not deep inside the first compile after minutes of work
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"sample.compile_cache {compile_cache}: cannot create {path} ({e.strerror})") from e
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     vq = m.vq
     m.unet_fn = torch.compile(m.unet, dynamic=True, backend=backend)
     m.vq_decode_fn = torch.compile(lambda z: vq.decode(z, quantize=False), backend=backend)
