@@ -72,6 +72,15 @@ def timed(fn, device):
     return out, time.perf_counter() - t0
 
 
+def ms_per_patch(fn, batch: int, device, reps: int = 3, warm: bool = True) -> float:
+    """Milliseconds per patch of `fn()` decoding `batch` patches: one untimed call (unless `warm`: already
+    done), then `reps` timed ones."""
+    if warm:
+        fn()
+    _, s = timed(lambda: [fn() for _ in range(reps)], device)
+    return s / (reps * batch) * 1e3
+
+
 def row(section: str, setting: str, value: str, note: str = "", out: Path | None = None, **extra) -> None:
     ROWS.append(dict(section=section, setting=setting, value=value, note=note, **extra))
     print(f"| {section} | {setting} | {value} | {note} |", flush=True)
@@ -98,32 +107,29 @@ def vq_rows(m, device, out, compile_vq=False):
     batch 16 and 64, compile time apart), which the later sections then use (`dn.compile_networks`)."""
     h = m.latent_side
     z = torch.randn(16, 3, h, h, device=device)
+
+    def vq_row(setting, ms, note, precision):
+        row("VQ decode", setting, f"{ms:.2f} ms/patch", note, out, ms_per_patch=ms, precision=precision)
+
     for prec in ("fp32", "bf16"):
         m.vq_dtype = torch.bfloat16 if prec == "bf16" and device.type == "cuda" else None
-        m.decode(z)
-        _, s = timed(lambda: [m.decode(z) for _ in range(3)], device)
-        row("VQ decode", f"batch 16, {prec}", f"{s / 48 * 1e3:.2f} ms/patch", f"{m.patch_px}² px", out,
-            ms_per_patch=s / 48 * 1e3, precision=prec)
+        vq_row(f"batch 16, {prec}", ms_per_patch(lambda: m.decode(z), 16, device), f"{m.patch_px}² px", prec)
     if device.type == "cuda":   # eager GroupNorm may not take channels-last inputs natively: time NCHW too
         m.vq.to(memory_format=torch.contiguous_format)
-        m.decode(z)
-        _, s = timed(lambda: [m.decode(z) for _ in range(3)], device)
+        ms = ms_per_patch(lambda: m.decode(z), 16, device)
         m.vq.to(memory_format=torch.channels_last)
-        row("VQ decode", "batch 16, bf16, NCHW weights (not channels-last)", f"{s / 48 * 1e3:.2f} ms/patch", "eager",
-            out, ms_per_patch=s / 48 * 1e3, precision="bf16-nchw")
-    if device.type == "cuda":   # bf16 weights, no autocast: GroupNorm and SiLU stay bf16 (autocast runs them fp32)
+        vq_row("batch 16, bf16, NCHW weights (not channels-last)", ms, "eager", "bf16-nchw")
+        # bf16 weights, no autocast: GroupNorm and SiLU stay bf16 (autocast runs them fp32)
         import copy
         vq16 = copy.deepcopy(m.vq).to(torch.bfloat16)
         zq = m.vq.quantize(z)[0].to(torch.bfloat16)
-        vq16.decode(zq, quantize=False)
-        _, s = timed(lambda: [vq16.decode(zq, quantize=False) for _ in range(3)], device)
-        row("VQ decode", "batch 16, bf16 weights without autocast", f"{s / 48 * 1e3:.2f} ms/patch",
-            "eager; not wired into the samplers", out, ms_per_patch=s / 48 * 1e3, precision="bf16-weights")
+        vq_row("batch 16, bf16 weights without autocast", ms_per_patch(lambda: vq16.decode(zq, quantize=False), 16,
+                                                                       device), "eager; not wired into the samplers",
+               "bf16-weights")
         del vq16
     with torch.autocast(device.type, enabled=False):
-        _, s = timed(lambda: [m.vq.quantize(z.float()) for _ in range(3)], device)
-    row("VQ decode", "codebook search alone, batch 16, fp32", f"{s / 48 * 1e3:.2f} ms/patch", "eager, in every "
-        "decode", out, ms_per_patch=s / 48 * 1e3, precision="fp32-quantize")
+        ms = ms_per_patch(lambda: m.vq.quantize(z.float()), 16, device, warm=False)
+    vq_row("codebook search alone, batch 16, fp32", ms, "eager, in every decode", "fp32-quantize")
     if not compile_vq:
         return
     unet_fn = m.unet_fn
@@ -136,10 +142,10 @@ def vq_rows(m, device, out, compile_vq=False):
         except Exception:
             m.vq_decode_fn = None              # the later sections run on the eager decoder
             raise
-        _, s = timed(lambda: [m.decode(zb) for _ in range(3)], device)
-        row("VQ decode", f"batch {b}, bf16, compiled (batch dim dynamic)", f"{s / (3 * b) * 1e3:.2f} ms/patch",
-            f"first call {s_first:.1f} s" + (" (the compile)" if b == 16 else " (no recompile expected)"), out,
-            ms_per_patch=s / (3 * b) * 1e3, precision="bf16-compiled")
+        vq_row(f"batch {b}, bf16, compiled (batch dim dynamic)", ms_per_patch(lambda: m.decode(zb), b, device,
+                                                                               warm=False),
+               f"first call {s_first:.1f} s" + (" (the compile)" if b == 16 else " (no recompile expected)"),
+               "bf16-compiled")
 
 
 def patch_rows(m, device, d, out, n=64, steps=50):
@@ -262,11 +268,9 @@ def diag_rows(m, device, out):
     torch.backends.cudnn.benchmark = True
     for b in (16, 129):
         z = torch.randn(b, 3, h, h, device=device)
-        m.decode(z)
-        _, s = timed(lambda: [m.decode(z) for _ in range(2)], device)
-        row("VQ decode", f"batch {b}, bf16, cudnn.benchmark", f"{s / (2 * b) * 1e3:.2f} ms/patch",
-            "compiled decoder" if m.vq_decode_fn is not None else "eager", out,
-            ms_per_patch=s / (2 * b) * 1e3)
+        ms = ms_per_patch(lambda: m.decode(z), b, device, reps=2)
+        row("VQ decode", f"batch {b}, bf16, cudnn.benchmark", f"{ms:.2f} ms/patch",
+            "compiled decoder" if m.vq_decode_fn is not None else "eager", out, ms_per_patch=ms)
     # off again: with it on, every new batch shape autotunes every convolution inside the next timed run (the
     # likely cause of run 3's 4096² row saving 2.2 s instead of 7.6 s: its 4096² batch shapes were new)
     torch.backends.cudnn.benchmark = False
