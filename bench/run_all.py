@@ -14,8 +14,9 @@ section then samples with them (rows say "compiled"). The next run planned for i
 Rows: ms per UNet sample-forward at batch 34 and 128 (bf16 autocast, channels-last, eager and torch.compile);
 ms per VQ decode of one patch (fp32, bf16, compiled bf16) and of its codebook search alone; patch images/s at
 50 DDIM steps + CFG (batch 64, bf16 VQ decode); seconds per 1024² and 4096² image for the reference joint
-algorithm and for the linear cut with the settings of `sample.large.cut` (all outer steps constrained, and the
-first 14 of 20), with their UNet sample-forwards and VQ passes; training samples/s (UNet + Summarizer, AdamW,
+algorithm and for the linear cut with the settings of `sample.large.cut` (the real VQ decode in the residual only
+in the last 4 of 20 outer steps, as the paper configs' `decode_steps`; in all of them; and with the constraint on
+the first 14 of 20 only), with their UNet sample-forwards and VQ passes; training samples/s (UNet + Summarizer, AdamW,
 bf16, batch 64). Random weights: time does not depend on them.
 
 The reference algorithm is timed on its first `--ref-steps` outer steps of a 1024² image and scaled to 20
@@ -42,6 +43,7 @@ from unet_forward import PAPER_GFLOP, time_forward  # noqa: E402
 
 from zoomldm.diffusion import ddim_sample, randn_items, step_noise_fn  # noqa: E402
 from zoomldm.diffusion.blend import decode_large, patch_windows  # noqa: E402
+from zoomldm.diffusion.blend_fast import half_stride  # noqa: E402
 from zoomldm.diffusion.joint import assemble  # noqa: E402
 from zoomldm.config import LinearCutConfig  # noqa: E402
 from zoomldm.diffusion.joint_fast import FastJointConfig, joint_sample  # noqa: E402
@@ -214,8 +216,9 @@ def large_rows(m, device, d, out, budget, smoke, ref_steps):
         seconds=ref_4k, algo="reference", grid=16)
     m.vq_decode_fn = vq_decode_fn
 
-    # the cut with the settings of sample.large.cut (K = 1, patch batch 64, bf16 VQ, decode stride window/2), all
-    # outer steps constrained and the first 14 of 20
+    # the cut with the settings of sample.large.cut (K = 1, patch batch 64, bf16 VQ, decode stride window/2): the
+    # real VQ decode in the residual only in the last 4 of 20 outer steps (the paper configs' decode_steps) first,
+    # then in every step (the default), then every step with the constraint on the first 14 of 20 only
     cut = LinearCutConfig()
     m.vq_dtype = torch.bfloat16 if device.type == "cuda" and cut.vq_precision == "bf16" else None
     t0 = time.perf_counter()
@@ -224,23 +227,27 @@ def large_rows(m, device, d, out, budget, smoke, ref_steps):
     steps = 2 if smoke else 20
     nets = "compiled UNet" if m.unet_fn is not None else "eager UNet"
     nets += " + compiled VQ" if m.vq_decode_fn is not None else ", eager VQ"
-    stride = cut.decode_stride or max(1, h // 2)
-    plan = [(4, None, True), (4, None, False), (big, None, False), (4, steps * 7 // 10, False),
-            (big, steps * 7 // 10, False)]
-    for grid, n_con, warm in plan:
+    stride = cut.decode_stride or half_stride(h)
+    n_dec = 1 if smoke else 4
+    plan = [(4, None, n_dec, True), (4, None, n_dec, False), (big, None, n_dec, False), (4, None, None, False),
+            (big, None, None, False), (big, steps * 7 // 10, None, False)]
+    for grid, n_con, n_dec, warm in plan:
         if grid == 16 and budget.left() < 60:
             row(f"large {grid * m.patch_px}²", "linear cut", "skipped", "time budget", out)
             continue
         c = FastJointConfig(steps=steps, inner_steps=cut.inner_steps, patch_batch=cut.patch_batch,
-                            constraint_mode="linear", constraint_steps=n_con)
+                            constraint_mode="linear", constraint_steps=n_con, decode_steps=n_dec)
         res, s, s_blend, cnt = large_once(m, device, grid, c, lin, stride, *ctx[grid])
         if warm:
             continue
         which = "all" if n_con is None else f"first {n_con} of"
+        real = "every step" if n_dec is None else f"the last {n_dec}"
         row(f"large {grid * m.patch_px}²", f"linear cut (K = {c.inner_steps}, constraint on {which} {steps} steps, "
-            f"patch batch {c.patch_batch}, {cut.vq_precision} VQ, stride {stride}; {nets})", f"{s + s_blend:.1f} s",
+            f"VQ decode in the residual in {real}, patch batch {c.patch_batch}, {cut.vq_precision} VQ, "
+            f"stride {stride}; {nets})", f"{s + s_blend:.1f} s",
             f"sampling {s:.1f} s + blend {s_blend:.1f} s; {cnt['unet_forwards']:,} UNet, {cnt['vq_decodes']:,} VQ "
-            f"decodes, 0 encodes", out, seconds=s + s_blend, algo=f"linear-K{c.inner_steps}-{n_con or steps}",
+            f"decodes, 0 encodes", out, seconds=s + s_blend,
+            algo=f"linear-K{c.inner_steps}-{n_con or steps}" + ("" if n_dec is None else f"-dec{n_dec}"),
             grid=grid, **cnt)
 
 
@@ -287,10 +294,10 @@ def profile_rows(m, device, d, out, smoke):
     cut = LinearCutConfig()
     c = FastJointConfig(steps=2 if smoke else 20, inner_steps=cut.inner_steps, patch_batch=cut.patch_batch,
                         constraint_mode="linear")
-    large_once(m, device, 4, c, lin, max(1, h // 2), guide_ctx, patch_ctx)                # warm-up
+    large_once(m, device, 4, c, lin, half_stride(h), guide_ctx, patch_ctx)                # warm-up
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        large_once(m, device, 4, c, lin, max(1, h // 2), guide_ctx, patch_ctx)
+        large_once(m, device, 4, c, lin, half_stride(h), guide_ctx, patch_ctx)
     cuda = device.type == "cuda"
     table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
                                       row_limit=30)

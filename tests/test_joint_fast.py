@@ -3,6 +3,8 @@ larger-stride blended decode (blend_fast.py), on the toy problem of test_joint.p
 linear f = 2 "VQ", 2 × 2 grid of 8-latent patches."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 from test_joint import AB, G, SCHED, SHAPE, gauss_eps, run, vq_decode, vq_encode
 from zoomldm.diffusion import randn_items, step_noise_fn
 from zoomldm.diffusion.blend import count_windows, decode_large, patch_windows
-from zoomldm.diffusion.blend_fast import blend_decode_count, blend_weights, decode_large_fast
+from zoomldm.diffusion.blend_fast import blend_decode_count, blend_weights, half_stride
 from zoomldm.diffusion.joint import JointConfig, _Step, pixel_iteration
 from zoomldm.diffusion.joint_fast import FastJointConfig, joint_linear_sample, joint_sample, linear_iteration
 from zoomldm.diffusion.surrogate import fit_linear_vq
@@ -202,6 +204,71 @@ def test_constraint_steps_limits_the_constraint_to_the_first_outer_steps():
         FastJointConfig(constraint_steps=-1)
 
 
+CODEBOOK = torch.rand(64, 3, generator=torch.Generator().manual_seed(7)) * 1.8 - 0.9   # 64 codes in (−1, 1)
+
+
+def snap(z):
+    """Nearest CODEBOOK row per pixel, written out independently of vq.nearest_codes."""
+    d = ((z.permute(0, 2, 3, 1)[..., None, :] - CODEBOOK) ** 2).sum(-1)            # (B, h, w, 64)
+    return CODEBOOK[d.argmin(-1)].permute(0, 3, 1, 2)
+
+
+def q_decode(z):   # the toy VQ with a codebook: snap, then the linear ×2 decoder (piecewise constant in z)
+    return vq_decode(snap(z))
+
+
+def test_decode_quantized_snaps_like_the_real_decoder():
+    """Fitted with the codebook, D̃(Q(z)) reproduces a snap-then-linear decoder exactly on new latents, and is
+    as piecewise constant: a move too small to change a code changes nothing. Without it: a clear error."""
+    lin = fit_linear_vq(torch.randn(24, *SHAPE, generator=torch.Generator().manual_seed(1)), q_decode, vq_encode,
+                        ridge=1e-9, codebook=CODEBOOK)
+    gen = torch.Generator().manual_seed(2)      # near (not on) a code everywhere: no ties between the two searches
+    z = snap(torch.randn(5, *SHAPE, generator=gen)) + 1e-3 * torch.randn(5, *SHAPE, generator=gen)
+    torch.testing.assert_close(lin.decode_quantized(z), q_decode(z), atol=1e-5, rtol=0)
+    assert lin.fit_error["decode"] < 1e-5
+    torch.testing.assert_close(lin.decode_quantized(z + 1e-4), lin.decode_quantized(z), atol=0, rtol=0)
+    far = torch.randn(5, *SHAPE, generator=gen)                                  # the raw map does not snap
+    assert not torch.allclose(lin.decode(far), q_decode(far), atol=0.1)
+    with pytest.raises(ValueError, match="needs a codebook"):
+        toy_linear_vq().decode_quantized(z)
+    with pytest.raises(ValueError, match="codebook must be"):
+        fit_linear_vq(torch.randn(24, *SHAPE), q_decode, vq_encode, codebook=CODEBOOK[:, :2])
+
+
+def test_decode_steps_replaces_the_early_decodes_by_the_surrogate():
+    """decode_steps = N: the residual decodes for real only in the last N constrained outer steps. With an exact
+    surrogate (snap-then-linear toy VQ) the latents match the all-decode run while the loop's VQ decodes drop to
+    the guide's plus N steps' worth; a perturbed surrogate changes them (so it is the one used); N ≥ the
+    constrained steps is the all-decode run exactly."""
+    steps, k, n = 5, 2, G * G
+    x = randn_items(0, range(1 + G * G), SHAPE)
+    exact = fit_linear_vq(torch.randn(24, *SHAPE, generator=torch.Generator().manual_seed(1)), q_decode, vq_encode,
+                          ridge=1e-9, codebook=CODEBOOK)
+    off = dataclasses.replace(exact, dec_bias=exact.dec_bias + 0.3)
+
+    def go(decode_steps, lin=exact, constraint_steps=None):
+        cfg = FastJointConfig(steps=steps, inner_steps=k, constraint_mode="linear", decode_steps=decode_steps,
+                              constraint_steps=constraint_steps)
+        return joint_sample(gauss_eps, vq_encode, q_decode, SCHED, x[:1], x[1:], G, cfg, linear_vq=lin,
+                            noise_fn=step_noise_fn(0, range(1 + G * G)))
+    full, none, two, big = go(None), go(0), go(2), go(steps)
+    assert full.vq_decodes == steps * (1 + n * k)
+    assert (none.vq_decodes, two.vq_decodes) == (steps, steps + 2 * n * k)
+    for res in (none, two):
+        torch.testing.assert_close(res.patch_latents, full.patch_latents, atol=1e-4, rtol=0)
+    torch.testing.assert_close(big.patch_latents, full.patch_latents, atol=0, rtol=0)
+    assert big.vq_decodes == full.vq_decodes
+    assert (go(0, off).patch_latents - full.patch_latents).abs().max() > 1e-2
+    # with constraint_steps = 3 the last 2 constrained steps are steps 2 and 3 of 5 (the rest: no constraint)
+    part = go(2, constraint_steps=3)
+    assert part.vq_decodes == 3 + 2 * n * k
+    torch.testing.assert_close(part.patch_latents, go(None, constraint_steps=3).patch_latents, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="fitted with the codebook"):
+        go(1, toy_linear_vq())
+    with pytest.raises(ValueError, match="decode_steps"):
+        FastJointConfig(decode_steps=-1)
+
+
 def test_config_and_input_checks():
     with pytest.raises(ValueError, match="constraint_mode"):
         FastJointConfig(constraint_mode="latent")
@@ -230,7 +297,7 @@ def test_stride_equal_window_is_per_tile_decode():
         return F.interpolate(z - z.mean(dim=(2, 3), keepdim=True), scale_factor=2).tanh()
 
     latent = torch.randn(1, 3, 24, 24)
-    image, n = decode_large_fast(latent, dec, window=8, stride=8, batch=4, return_count=True)
+    image, n = decode_large(latent, dec, window=8, stride=8, batch=4, return_count=True)
     tiles = torch.cat([dec(latent[:, :, i:i + 8, j:j + 8]) for i in range(0, 24, 8) for j in range(0, 24, 8)])
     per_tile = tiles.reshape(3, 3, 3, 16, 16).permute(2, 0, 3, 1, 4).reshape(1, 3, 48, 48)  # (1, 3, 48, 48)
     assert n == 9
@@ -261,9 +328,9 @@ def test_blend_weights_and_half_stride_decode():
     assert w.shape == (128, 128) and w.min() > 0.04                           # every pixel covered
     up = lambda z: F.interpolate(z, scale_factor=2).clamp(-1, 1)              # equivariant: exact blend
     latent = torch.rand(1, 3, 64, 64) * 2 - 1
-    img, n = decode_large_fast(latent, up, window=16, batch=8, return_count=True)
+    img, n = decode_large(latent, up, window=16, stride=half_stride(16), batch=8, return_count=True)
     assert n == blend_decode_count(64, 16) == 7 ** 2
     torch.testing.assert_close(img, up(latent))
-    const = decode_large_fast(torch.full((1, 3, 64, 64), 0.3), up, window=16)  # weights normalise to 1
+    const = decode_large(torch.full((1, 3, 64, 64), 0.3), up, window=16, stride=half_stride(16))  # weights normalise to 1
     torch.testing.assert_close(const, torch.full((1, 3, 128, 128), 0.3))
     torch.testing.assert_close(decode_large(latent, up, 16, 8), img)

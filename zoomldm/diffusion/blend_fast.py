@@ -7,24 +7,22 @@ The reference decode (``blend.decode_large``, official ``decode_large_image``, r
     1024 latents (4096² px): stride 16 -> 61² = 3,721;  stride 32 -> 31² = 961;  stride 64 -> 16² = 256
      256 latents (1024² px): stride 16 -> 13² =   169;  stride 32 ->  7² =  49;  stride 64 ->  4² =  16
 
-``decode_large_fast`` is the same blend with stride = window/2 by default: every latent is decoded 4 times
-instead of 16 (3.9× fewer decodes at 4096², 3.4× at 1024²), and every seam between two generated patches
+The cut (``sample.large.cut``) runs ``blend.decode_large`` with stride ``half_stride(window)`` = window/2 by
+default: every latent is decoded 4 times instead of 16 (3.9× fewer decodes at 4096², 3.4× at 1024²), and every seam between two generated patches
 (at multiples of the window) still lies in the middle of a window, where the Gaussian weight is largest, so
 it is decoded with full context on both sides. stride = window degenerates to the plain per-patch decode.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
-from .blend import decode_large, gaussian_window, window_origins
+from .blend import gaussian_window, window_origins
 
 
 def blend_decode_count(side: int, window: int = 64, stride: int | None = None) -> int:
     """VQ decodes of a blended decode of a (side, side) latent canvas; stride None = window // 2."""
-    n = len(window_origins(side, window, stride or max(1, window // 2)))
+    n = len(window_origins(side, window, stride or half_stride(window)))
     return n * n
 
 
@@ -39,10 +37,6 @@ def blend_weights(height: int, width: int, window: int, stride: int, f: int = 1,
     return acc
 
 
-@torch.no_grad()
-def decode_large_fast(latent: Tensor, decode: Callable[[Tensor], Tensor], window: int = 64,
-                      stride: int | None = None, sigma: float = 0.8, batch: int = 16,
-                      return_count: bool = False) -> Tensor | tuple[Tensor, int]:
-    """``blend.decode_large`` with stride = window // 2 unless given (module docstring for the counts)."""
-    return decode_large(latent, decode, window=window, stride=stride or max(1, window // 2), sigma=sigma,
-                        batch=batch, return_count=return_count)
+def half_stride(window: int) -> int:
+    """The cut's blended-decode stride in latents (module docstring): window // 2, at least 1."""
+    return max(1, window // 2)

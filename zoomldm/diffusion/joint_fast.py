@@ -17,7 +17,7 @@ both Jacobians by linear maps:
                      ∞-normalisation removes the 1/√ᾱ
     x_t ← x_t + lr·e;  x̂0 ← x̂0(x_t, ε)  (no model call)
 
-so an inner iteration costs 1 VQ decode and no model call; the outer loop, the DDIM-style update, the one-way
+so an inner iteration costs 1 VQ decode (none with ``decode_steps``, below) and no model call; the outer loop, the DDIM-style update, the one-way
 coupling, the guide decoded at every outer step and the final pixel-space ``consistency_mae`` are those of
 ``joint.py`` (same function), so the two modes are compared apples to apples. On the demo model (10 outer steps,
 16 images, same seeds; bench/RESULTS.md) K = 1 gives a consistency MAE of 19.3 against the reference's 20.0
@@ -27,6 +27,16 @@ inner-loop VQ passes and 1/5 of its model calls.
 ``constraint_steps = N`` constrains only the first N outer steps: the early, noisy steps are where the
 constraint matters (demo, 10 outer steps, K = 1, images 0–3: all steps 19.8; skipping the first 2 steps 23.8;
 skipping the last 2, 3, 4 steps 20.7, 21.4, 22.6; the reference 20.5), so the last ones can go for speed.
+
+``decode_steps = N`` goes further: the residual is measured through the real decoder only in the last N
+constrained outer steps; before them through the fitted linear decoder after the codebook snap, D̃(Q(x̂0))
+(``LinearVQ.decode_quantized``), so those steps cost no VQ pass at all. The snap matters: the real decoder is
+piecewise constant in x̂0, and the raw linear map is not (demo, images 0, 1, no real decode: 34.0 without the
+snap, 22.3 with it). The late steps need the real decoder, the early ones do not (demo, 10 outer steps, K = 1,
+images 0–5, same seeds; reference K = 2: 19.8, every step decoding: 19.0): D̃(Q) throughout 22.7; real decodes
+in the last 2 steps 19.3; in an experiment fitting on 256 latents instead of 64, the last 1, 2, 3, 5 steps
+19.8, 19.5, 19.2, 18.7, and real decodes every 3rd (5th) step with D̃(Q) corrected by the last real decode in
+between 18.7 (19.5).
 
 Why the linear encoder and not the latent residual of an earlier version: averaging VQ latents is not the
 latent of the averaged image, so a residual measured on latents misses most of the pixel inconsistency (demo:
@@ -66,14 +76,17 @@ class FastJointConfig(JointConfig):
 
     constraint_mode: str = "reference"   # "reference" (official) | "linear" (1 VQ decode per inner iteration)
     constraint_steps: int | None = None  # linear mode: constrain only the first N outer steps (None: all)
+    decode_steps: int | None = None      # linear mode: the real VQ decode in the residual only in the last N
+    #                                      constrained outer steps, D̃(Q(x̂0)) before them (None: every step)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.constraint_mode not in CONSTRAINT_MODES:
             raise ValueError(f"FastJointConfig.constraint_mode must be one of {CONSTRAINT_MODES}, "
                              f"got {self.constraint_mode!r}")
-        if self.constraint_steps is not None and self.constraint_steps < 0:
-            raise ValueError(f"FastJointConfig.constraint_steps must be >= 0 or None, got {self.constraint_steps}")
+        for name in ("constraint_steps", "decode_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"FastJointConfig.{name} must be >= 0 or None, got {getattr(self, name)}")
 
 
 def joint_sample(eps_fn: JointEpsFn, encode: ImageFn, decode: ImageFn, schedule: Schedule,
@@ -92,7 +105,8 @@ def joint_sample(eps_fn: JointEpsFn, encode: ImageFn, decode: ImageFn, schedule:
 def linear_iteration(decode: ImageFn, linear_vq: LinearVQ, step: _Step, x: Tensor, eps: Tensor, x0: Tensor,
                      tiles: Tensor, lr: float) -> tuple[Tensor, Tensor]:
     """One inner iteration of the linear mode (module docstring) on a batch of patches: (x_t, x̂0) moved.
-    ``tiles`` (B, 3, p, p): their guide tiles. Costs 1 VQ decode per item and no model call."""
+    ``tiles`` (B, 3, p, p): their guide tiles. Costs 1 ``decode`` per item (the VQ, or the fitted D̃∘Q of
+    ``decode_steps``) and no model call."""
     image = decode(x0)                                                          # (B, 3, P, P)
     factor = _factor(image, tiles)
     r = inf_normalize(upscale(tiles - downscale(image, factor), factor))        # (B, 3, P, P)
@@ -118,6 +132,14 @@ def joint_linear_sample(eps_fn: JointEpsFn, linear_vq: LinearVQ, decode: ImageFn
     x_p = x_patches.clone()
     image_g = guide_image
     last = cfg.steps if getattr(cfg, "constraint_steps", None) is None else cfg.constraint_steps
+    n_dec = getattr(cfg, "decode_steps", None)
+    first_decode = 0 if n_dec is None else max(0, min(last, cfg.steps) - n_dec)   # earlier: D̃(Q(x̂0))
+    if first_decode and (linear_vq.codebook is None):
+        raise ValueError("joint_linear_sample: decode_steps needs a linear_vq fitted with the codebook "
+                         "(fit_linear_vq(..., codebook=...))")
+
+    def surrogate(z: Tensor) -> Tensor:
+        return linear_vq.decode_quantized(z).clamp(-1, 1)
 
     for i, t in enumerate(tqdm(cfg.timesteps(), desc="joint-linear", disable=not progress)):
         inner = cfg.inner_steps if cfg.constraint and i < last else 0
@@ -140,8 +162,10 @@ def joint_linear_sample(eps_fn: JointEpsFn, linear_vq: LinearVQ, decode: ImageFn
             unet += fpc * x.shape[0]
             x0 = step.x0_hat(x, eps)
             for _ in range(inner):
-                x, x0 = linear_iteration(decode, linear_vq, step, x, eps, x0, tiles[sl], cfg.lr)
-                dec += x.shape[0]
+                real = i >= first_decode
+                x, x0 = linear_iteration(decode if real else surrogate, linear_vq, step, x, eps, x0, tiles[sl],
+                                         cfg.lr)
+                dec += x.shape[0] if real else 0
             x_p[sl], _ = ddim_step(x, eps, step.idx, step.idx_prev, schedule, sigma=step.sigma,
                                    noise=None if z is None else z[1 + sl.start:1 + sl.stop])
         if callback is not None:

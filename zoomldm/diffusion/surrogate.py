@@ -1,13 +1,15 @@
 """Linear stand-ins of the VQ decoder and encoder, fitted by least squares (issue #8's cut, item 2).
 
 The reference joint sampler (``joint.py``) measures the guide constraint in pixel space, which costs one VQ
-decode and two VQ encodes per inner iteration and patch. The cut's ``surrogate`` mode keeps the pixel-space
-residual but replaces the two networks, inside the loop only, by linear maps fitted to them near the data:
+decode and two VQ encodes per inner iteration and patch. The cut (``joint_fast``, constraint mode ``linear``)
+keeps the pixel-space residual but replaces, inside the loop only, the encoder's Jacobian by a linear map and,
+in its early outer steps (``decode_steps``), the decoder too (after the codebook snap, below); the maps are
+fitted to the networks near the data:
 
     D̃(z) = PixelShuffle_f(W_d ⋆ z + b_d)      latent (c, h, w) -> image (3, f·h, f·w); W_d: k_d × k_d taps
     Ẽ(I) = W_e ⋆_f I + b_e                      image -> latent; W_e: (3f) × (3f) taps at stride f, padding f
 
-so an inner iteration costs two small convolutions instead of three VQ passes. ``fit_linear_vq`` solves the
+so an inner iteration can cost two small convolutions instead of three VQ passes. ``fit_linear_vq`` solves the
 ridge regressions in closed form from latents the caller supplies (the store's, or any representative set):
 targets D(z), E(D(z)) and, for the encoder's linear part (what the sampler uses), its finite-difference response
 to smooth perturbations of D(z), from the real networks, once per run. Fitting the response rather than E(I)
@@ -16,6 +18,12 @@ matters: on the satellite demo the value fit left the cut 50% behind the referen
 A linear map cannot reproduce the decoder's texture, but the constraint only looks at A(D(z)), the patch
 downscaled by the grid factor (4 or 16): low frequencies, which a local linear map of the VQ-f4 latent carries
 well (the fit's relative error of A(D̃(z)) vs A(D(z)) is reported by ``LinearVQ.fit_error``).
+
+The real decoder snaps its input to the nearest code first, so it is piecewise constant in the latent; a linear
+map applied to the raw latent responds to every small move and mispredicts the change (demo: no better than
+the constraint off). Fitted with the codebook (``fit_linear_vq(..., codebook=...)``), the decoder part is
+fitted on snapped latents and ``LinearVQ.decode_quantized`` snaps before it maps, D̃(Q(z)), piecewise constant
+like D: the joint cut uses it for the residual of its early outer steps (``joint_fast``, ``decode_steps``).
 """
 from __future__ import annotations
 
@@ -25,6 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from zoomldm.models.vq import nearest_codes
 
 
 @dataclass
@@ -37,12 +47,21 @@ class LinearVQ:
     enc_bias: Tensor     # (c,)
     f: int               # VQ downsampling factor
     fit_error: dict      # relative L2 errors on the fitting set: decode, encode, decode after ×1/4 downscale
+    codebook: Tensor | None = None   # (n_embed, c): the VQ's codes, for decode_quantized
 
     def decode(self, z: Tensor, bias: bool = True) -> Tensor:
         """(B, c, h, w) -> (B, 3, f·h, f·w), not clamped; bias=False: the linear part alone (the Jacobian)."""
         w = self.dec_weight.to(z.dtype)
         b = self.dec_bias.to(z.dtype) if bias else None
         return F.pixel_shuffle(F.conv2d(z, w, b, padding=w.shape[-1] // 2), self.f)   # (B, 3f², h, w) -> ...
+
+    def decode_quantized(self, z: Tensor) -> Tensor:
+        """D̃(Q(z)): z (B, c, h, w) snapped to the nearest code (as the real decoder does), then ``decode``."""
+        if self.codebook is None:
+            raise ValueError("LinearVQ.decode_quantized needs a codebook: fit_linear_vq(..., codebook=...)")
+        codebook = self.codebook.to(z.device)
+        z_q = codebook[nearest_codes(z, codebook)].permute(0, 3, 1, 2).to(z.dtype)   # (B, c, h, w)
+        return self.decode(z_q)
 
     def encode(self, image: Tensor, bias: bool = True) -> Tensor:
         """(B, 3, f·h, f·w) -> (B, c, h, w); bias=False: the linear part alone (the Jacobian)."""
@@ -52,7 +71,8 @@ class LinearVQ:
 
     def to(self, device: torch.device | str) -> "LinearVQ":
         return LinearVQ(self.dec_weight.to(device), self.dec_bias.to(device), self.enc_weight.to(device),
-                        self.enc_bias.to(device), self.f, self.fit_error)
+                        self.enc_bias.to(device), self.f, self.fit_error,
+                        None if self.codebook is None else self.codebook.to(device))
 
 
 def _ridge(features: Tensor, targets: Tensor, ridge: float) -> Tensor:
@@ -94,7 +114,7 @@ def _fit_encoder_jacobian(images: Tensor, codes: Tensor, encode: Callable[[Tenso
 @torch.no_grad()
 def fit_linear_vq(latents: Tensor, decode: Callable[[Tensor], Tensor], encode: Callable[[Tensor], Tensor],
                   dec_taps: int = 3, ridge: float = 1e-4, batch: int = 64, encoder: str = "jacobian",
-                  fd_step: float = 0.05) -> LinearVQ:
+                  fd_step: float = 0.05, codebook: Tensor | None = None) -> LinearVQ:
     """Fit D̃ and Ẽ to ``decode`` / ``encode`` on ``latents`` (N, c, h, w) (module docstring).
 
     decode(latent) -> image in [−1, 1] (quantising, as the samplers use it); encode(image) -> latent. Both are
@@ -105,6 +125,9 @@ def fit_linear_vq(latents: Tensor, decode: Callable[[Tensor], Tensor], encode: C
     response to smooth perturbations, (E(I + s·δ) − E(I)) / s (s = fd_step) with δ = Up(noise) at ×2, ×4 and
     ×8 (the shape of the sampler's residuals), which is all the sampler uses, and the bias as the mean of
     E(I) − W ⋆ I. Call it with a float32 encoder: the finite difference needs the mantissa.
+
+    codebook (n_embed, c): the VQ's codes. Given, the decoder part is fitted on the latents snapped to their
+    nearest codes (what the real decoder sees) and kept for ``LinearVQ.decode_quantized``.
     """
     if encoder not in ("jacobian", "value"):
         raise ValueError(f"fit_linear_vq: encoder must be 'jacobian' or 'value', got {encoder!r}")
@@ -113,6 +136,12 @@ def fit_linear_vq(latents: Tensor, decode: Callable[[Tensor], Tensor], encode: C
     if dec_taps % 2 != 1:
         raise ValueError(f"fit_linear_vq: dec_taps must be odd, got {dec_taps}")
     latents = latents.float()
+    if codebook is not None:
+        codebook = codebook.detach().float().to(latents.device)
+        if codebook.ndim != 2 or codebook.shape[1] != latents.shape[1]:
+            raise ValueError(f"fit_linear_vq: codebook must be (n_embed, {latents.shape[1]}), "
+                             f"got {tuple(codebook.shape)}")
+        latents = codebook[nearest_codes(latents, codebook)].permute(0, 3, 1, 2).contiguous()
     images = torch.cat([decode(latents[i:i + batch]).float() for i in range(0, len(latents), batch)])
     codes = torch.cat([encode(images[i:i + batch]).float() for i in range(0, len(images), batch)])
     n, c, h, w = latents.shape
@@ -141,7 +170,7 @@ def fit_linear_vq(latents: Tensor, decode: Callable[[Tensor], Tensor], encode: C
         enc_weight = we[:-1].T.reshape(c, 3, 3 * f, 3 * f).float()
         enc_bias = we[-1].float()
 
-    lin = LinearVQ(dec_weight, dec_bias, enc_weight, enc_bias, f, {})
+    lin = LinearVQ(dec_weight, dec_bias, enc_weight, enc_bias, f, {}, codebook)
     from .resize import downscale
     approx = lin.decode(latents)
     lin.fit_error.update(decode=_rel(approx, images), encode=_rel(lin.encode(images), codes),

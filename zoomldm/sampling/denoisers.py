@@ -223,7 +223,8 @@ def compile_networks(m: LatentModel, backend: str = "inductor", compile_cache: s
 def linear_vq_for(m: ZoomLDM, store=None, n: int = 64, seed: int = 0):
     """The fitted linear VQ of the `linear` joint constraint (zoomldm.diffusion.surrogate) for model m: fitted
     on n base-magnification latents of the store (a fixed random pick), or, without a store or its latents, on
-    latents of random codebook entries (a weaker fit; logged)."""
+    latents of random codebook entries (a weaker fit; logged). The decoder part (5 x 5 latent taps) is fitted
+    on the latents snapped to the VQ's codebook, which it keeps for `decode_quantized` (cut.decode_steps)."""
     from zoomldm.diffusion.surrogate import fit_linear_vq
     h, gen = m.latent_side, torch.Generator().manual_seed(seed)
     table = store.table(store.magnifications[0].name) if store is not None else None
@@ -240,7 +241,8 @@ def linear_vq_for(m: ZoomLDM, store=None, n: int = 64, seed: int = 0):
         latents = codebook[codes].permute(0, 3, 1, 2).contiguous()               # (n, c, h, h)
     vq_dtype, m.vq_dtype = m.vq_dtype, None          # the encoder's finite differences need float32
     try:
-        return fit_linear_vq(latents.to(m.device), m.decode, m.encode)
+        return fit_linear_vq(latents.to(m.device), m.decode, m.encode, dec_taps=5,
+                             codebook=m.vq.quantize.embedding.weight)
     finally:
         m.vq_dtype = vq_dtype
 

@@ -21,6 +21,7 @@ import torch
 
 from zoomldm.diffusion import randn_items, step_noise_fn
 from zoomldm.diffusion.blend import decode_large, patch_windows
+from zoomldm.diffusion.blend_fast import half_stride
 from zoomldm.diffusion.joint import JointConfig, assemble
 from zoomldm.diffusion.joint_fast import joint_sample
 from zoomldm.diffusion.resize import downscale
@@ -83,7 +84,7 @@ def sample_large(m: dn.ZoomLDM, i: int, grid: int, guide_mag, seed: int, jcfg: J
     res = joint_sample(eps_fn, m.encode, m.decode, m.schedule, x[:1], x[1:], grid, jcfg, noise_fn=noise_fn,
                        progress=progress, linear_vq=linear_vq)
     linear = getattr(jcfg, "constraint_mode", "reference") == "linear"
-    stride = decode_stride or max(1, h // (2 if linear else 4))
+    stride = decode_stride or (half_stride(h) if linear else max(1, h // 4))
     image_t, n_windows = decode_large(assemble(res.patch_latents, grid), m.decode, window=h, stride=stride,
                                       batch=window_batch, return_count=True,
                                       known=patch_windows(res.patch_images, grid, h))
@@ -95,7 +96,8 @@ def sample_large(m: dn.ZoomLDM, i: int, grid: int, guide_mag, seed: int, jcfg: J
         "image_consistency_mae": image_consistency_mae(image, guide), "seconds": seconds,
         "steps": jcfg.steps, "inner_steps": jcfg.inner_steps if jcfg.constraint else 0,
         "guidance_w": jcfg.guidance_w, "constraint_mode": getattr(jcfg, "constraint_mode", "reference"),
-        "constraint_steps": getattr(jcfg, "constraint_steps", None), "decode_stride": stride,
+        "constraint_steps": getattr(jcfg, "constraint_steps", None),
+        "decode_steps": getattr(jcfg, "decode_steps", None), "decode_stride": stride,
         # Work per image: the sampler's own counters (loop) plus the final/blend decodes, and the wrappers'
         # totals (every UNet sample-forward and VQ pass this image caused).
         "joint_unet_forwards": res.unet_forwards, "joint_vq_decodes": res.vq_decodes,
