@@ -208,7 +208,7 @@ CODEBOOK = torch.rand(64, 3, generator=torch.Generator().manual_seed(7)) * 1.8 -
 
 
 def snap(z):
-    """Nearest CODEBOOK row per pixel, written out independently of vq.nearest_codes."""
+    """The toy VQ's quantiser: the nearest CODEBOOK row per pixel."""
     d = ((z.permute(0, 2, 3, 1)[..., None, :] - CODEBOOK) ** 2).sum(-1)            # (B, h, w, 64)
     return CODEBOOK[d.argmin(-1)].permute(0, 3, 1, 2)
 
@@ -218,21 +218,21 @@ def q_decode(z):   # the toy VQ with a codebook: snap, then the linear ×2 decod
 
 
 def test_decode_quantized_snaps_like_the_real_decoder():
-    """Fitted with the codebook, D̃(Q(z)) reproduces a snap-then-linear decoder exactly on new latents, and is
+    """Fitted with the quantiser, D̃(Q(z)) reproduces a snap-then-linear decoder exactly on new latents, and is
     as piecewise constant: a move too small to change a code changes nothing. Without it: a clear error."""
     lin = fit_linear_vq(torch.randn(24, *SHAPE, generator=torch.Generator().manual_seed(1)), q_decode, vq_encode,
-                        ridge=1e-9, codebook=CODEBOOK)
-    gen = torch.Generator().manual_seed(2)      # near (not on) a code everywhere: no ties between the two searches
+                        ridge=1e-9, quantize=snap)
+    gen = torch.Generator().manual_seed(2)      # near (not on) a code everywhere: no near-ties in the snap
     z = snap(torch.randn(5, *SHAPE, generator=gen)) + 1e-3 * torch.randn(5, *SHAPE, generator=gen)
     torch.testing.assert_close(lin.decode_quantized(z), q_decode(z), atol=1e-5, rtol=0)
     assert lin.fit_error["decode"] < 1e-5
     torch.testing.assert_close(lin.decode_quantized(z + 1e-4), lin.decode_quantized(z), atol=0, rtol=0)
     far = torch.randn(5, *SHAPE, generator=gen)                                  # the raw map does not snap
     assert not torch.allclose(lin.decode(far), q_decode(far), atol=0.1)
-    with pytest.raises(ValueError, match="needs a codebook"):
+    with pytest.raises(ValueError, match="needs the quantiser"):
         toy_linear_vq().decode_quantized(z)
-    with pytest.raises(ValueError, match="codebook must be"):
-        fit_linear_vq(torch.randn(24, *SHAPE), q_decode, vq_encode, codebook=CODEBOOK[:, :2])
+    with pytest.raises(ValueError, match="quantize changed the latents' shape"):
+        fit_linear_vq(torch.randn(24, *SHAPE), q_decode, vq_encode, quantize=lambda z: z[:, :2])
 
 
 def test_decode_steps_replaces_the_early_decodes_by_the_surrogate():
@@ -243,7 +243,7 @@ def test_decode_steps_replaces_the_early_decodes_by_the_surrogate():
     steps, k, n = 5, 2, G * G
     x = randn_items(0, range(1 + G * G), SHAPE)
     exact = fit_linear_vq(torch.randn(24, *SHAPE, generator=torch.Generator().manual_seed(1)), q_decode, vq_encode,
-                          ridge=1e-9, codebook=CODEBOOK)
+                          ridge=1e-9, quantize=snap)
     off = dataclasses.replace(exact, dec_bias=exact.dec_bias + 0.3)
 
     def go(decode_steps, lin=exact, constraint_steps=None):
@@ -263,7 +263,7 @@ def test_decode_steps_replaces_the_early_decodes_by_the_surrogate():
     part = go(2, constraint_steps=3)
     assert part.vq_decodes == 3 + 2 * n * k
     torch.testing.assert_close(part.patch_latents, go(None, constraint_steps=3).patch_latents, atol=1e-4, rtol=0)
-    with pytest.raises(ValueError, match="fitted with the codebook"):
+    with pytest.raises(ValueError, match="fitted with the quantiser"):
         go(1, toy_linear_vq())
     with pytest.raises(ValueError, match="decode_steps"):
         FastJointConfig(decode_steps=-1)

@@ -134,9 +134,9 @@ def joint_linear_sample(eps_fn: JointEpsFn, linear_vq: LinearVQ, decode: ImageFn
     last = cfg.steps if getattr(cfg, "constraint_steps", None) is None else cfg.constraint_steps
     n_dec = getattr(cfg, "decode_steps", None)
     first_decode = 0 if n_dec is None else max(0, min(last, cfg.steps) - n_dec)   # earlier: D̃(Q(x̂0))
-    if first_decode and (linear_vq.codebook is None):
-        raise ValueError("joint_linear_sample: decode_steps needs a linear_vq fitted with the codebook "
-                         "(fit_linear_vq(..., codebook=...))")
+    if first_decode and linear_vq.quantize is None:
+        raise ValueError("joint_linear_sample: decode_steps needs a linear_vq fitted with the quantiser "
+                         "(fit_linear_vq(..., quantize=...))")
 
     def surrogate(z: Tensor) -> Tensor:
         return linear_vq.decode_quantized(z).clamp(-1, 1)

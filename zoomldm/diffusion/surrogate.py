@@ -21,7 +21,7 @@ well (the fit's relative error of A(D̃(z)) vs A(D(z)) is reported by ``LinearVQ
 
 The real decoder snaps its input to the nearest code first, so it is piecewise constant in the latent; a linear
 map applied to the raw latent responds to every small move and mispredicts the change (demo: no better than
-the constraint off). Fitted with the codebook (``fit_linear_vq(..., codebook=...)``), the decoder part is
+the constraint off). Fitted with the VQ's quantiser (``fit_linear_vq(..., quantize=...)``), the decoder part is
 fitted on snapped latents and ``LinearVQ.decode_quantized`` snaps before it maps, D̃(Q(z)), piecewise constant
 like D: the joint cut uses it for the residual of its early outer steps (``joint_fast``, ``decode_steps``).
 """
@@ -34,8 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zoomldm.models.vq import nearest_codes
-
 
 @dataclass
 class LinearVQ:
@@ -47,7 +45,7 @@ class LinearVQ:
     enc_bias: Tensor     # (c,)
     f: int               # VQ downsampling factor
     fit_error: dict      # relative L2 errors on the fitting set: decode, encode, decode after ×1/4 downscale
-    codebook: Tensor | None = None   # (n_embed, c): the VQ's codes, for decode_quantized
+    quantize: Callable[[Tensor], Tensor] | None = None   # Q: the VQ's codebook snap, for decode_quantized
 
     def decode(self, z: Tensor, bias: bool = True) -> Tensor:
         """(B, c, h, w) -> (B, 3, f·h, f·w), not clamped; bias=False: the linear part alone (the Jacobian)."""
@@ -57,11 +55,9 @@ class LinearVQ:
 
     def decode_quantized(self, z: Tensor) -> Tensor:
         """D̃(Q(z)): z (B, c, h, w) snapped to the nearest code (as the real decoder does), then ``decode``."""
-        if self.codebook is None:
-            raise ValueError("LinearVQ.decode_quantized needs a codebook: fit_linear_vq(..., codebook=...)")
-        codebook = self.codebook.to(z.device)
-        z_q = codebook[nearest_codes(z, codebook)].permute(0, 3, 1, 2).to(z.dtype)   # (B, c, h, w)
-        return self.decode(z_q)
+        if self.quantize is None:
+            raise ValueError("LinearVQ.decode_quantized needs the quantiser: fit_linear_vq(..., quantize=...)")
+        return self.decode(self.quantize(z).to(z.dtype))
 
     def encode(self, image: Tensor, bias: bool = True) -> Tensor:
         """(B, 3, f·h, f·w) -> (B, c, h, w); bias=False: the linear part alone (the Jacobian)."""
@@ -71,8 +67,7 @@ class LinearVQ:
 
     def to(self, device: torch.device | str) -> "LinearVQ":
         return LinearVQ(self.dec_weight.to(device), self.dec_bias.to(device), self.enc_weight.to(device),
-                        self.enc_bias.to(device), self.f, self.fit_error,
-                        None if self.codebook is None else self.codebook.to(device))
+                        self.enc_bias.to(device), self.f, self.fit_error, self.quantize)
 
 
 def _ridge(features: Tensor, targets: Tensor, ridge: float) -> Tensor:
@@ -114,7 +109,7 @@ def _fit_encoder_jacobian(images: Tensor, codes: Tensor, encode: Callable[[Tenso
 @torch.no_grad()
 def fit_linear_vq(latents: Tensor, decode: Callable[[Tensor], Tensor], encode: Callable[[Tensor], Tensor],
                   dec_taps: int = 3, ridge: float = 1e-4, batch: int = 64, encoder: str = "jacobian",
-                  fd_step: float = 0.05, codebook: Tensor | None = None) -> LinearVQ:
+                  fd_step: float = 0.05, quantize: Callable[[Tensor], Tensor] | None = None) -> LinearVQ:
     """Fit D̃ and Ẽ to ``decode`` / ``encode`` on ``latents`` (N, c, h, w) (module docstring).
 
     decode(latent) -> image in [−1, 1] (quantising, as the samplers use it); encode(image) -> latent. Both are
@@ -126,8 +121,9 @@ def fit_linear_vq(latents: Tensor, decode: Callable[[Tensor], Tensor], encode: C
     ×8 (the shape of the sampler's residuals), which is all the sampler uses, and the bias as the mean of
     E(I) − W ⋆ I. Call it with a float32 encoder: the finite difference needs the mantissa.
 
-    codebook (n_embed, c): the VQ's codes. Given, the decoder part is fitted on the latents snapped to their
-    nearest codes (what the real decoder sees) and kept for ``LinearVQ.decode_quantized``.
+    quantize(latent) -> the latent snapped to its nearest codes (the VQ's codebook search). Given, the decoder
+    part is fitted on snapped latents (what the real decoder sees) and ``quantize`` is kept for
+    ``LinearVQ.decode_quantized``.
     """
     if encoder not in ("jacobian", "value"):
         raise ValueError(f"fit_linear_vq: encoder must be 'jacobian' or 'value', got {encoder!r}")
@@ -136,12 +132,12 @@ def fit_linear_vq(latents: Tensor, decode: Callable[[Tensor], Tensor], encode: C
     if dec_taps % 2 != 1:
         raise ValueError(f"fit_linear_vq: dec_taps must be odd, got {dec_taps}")
     latents = latents.float()
-    if codebook is not None:
-        codebook = codebook.detach().float().to(latents.device)
-        if codebook.ndim != 2 or codebook.shape[1] != latents.shape[1]:
-            raise ValueError(f"fit_linear_vq: codebook must be (n_embed, {latents.shape[1]}), "
-                             f"got {tuple(codebook.shape)}")
-        latents = codebook[nearest_codes(latents, codebook)].permute(0, 3, 1, 2).contiguous()
+    if quantize is not None:
+        snapped = torch.cat([quantize(latents[i:i + batch]).float() for i in range(0, len(latents), batch)])
+        if snapped.shape != latents.shape:
+            raise ValueError(f"fit_linear_vq: quantize changed the latents' shape {tuple(latents.shape)} "
+                             f"to {tuple(snapped.shape)}")
+        latents = snapped
     images = torch.cat([decode(latents[i:i + batch]).float() for i in range(0, len(latents), batch)])
     codes = torch.cat([encode(images[i:i + batch]).float() for i in range(0, len(images), batch)])
     n, c, h, w = latents.shape
@@ -170,7 +166,7 @@ def fit_linear_vq(latents: Tensor, decode: Callable[[Tensor], Tensor], encode: C
         enc_weight = we[:-1].T.reshape(c, 3, 3 * f, 3 * f).float()
         enc_bias = we[-1].float()
 
-    lin = LinearVQ(dec_weight, dec_bias, enc_weight, enc_bias, f, {}, codebook)
+    lin = LinearVQ(dec_weight, dec_bias, enc_weight, enc_bias, f, {}, quantize)
     from .resize import downscale
     approx = lin.decode(latents)
     lin.fit_error.update(decode=_rel(approx, images), encode=_rel(lin.encode(images), codes),

@@ -302,23 +302,6 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-def nearest_codes(z: Tensor, codebook: Tensor, chunk: int = 4096) -> Tensor:
-    """Index of the nearest row of `codebook` (n_embed, C) for every pixel of z (B, C, h, w) -> (B, h, w) int64.
-
-    Distances ||z||^2 + ||e||^2 - 2 z.e in float32 as in the official code (same argmin on ties), in row chunks
-    so an 8192-entry codebook never needs an (all pixels x 8192) matrix at once.
-    """
-    b, c, h, w = z.shape
-    flat = z.permute(0, 2, 3, 1).reshape(-1, c).float()  # (B*h*w, C)
-    codebook = codebook.float()  # (n_embed, C)
-    e2 = codebook.pow(2).sum(1)  # (n_embed,)
-    out = []
-    for rows in flat.split(chunk):
-        d = rows.pow(2).sum(1, keepdim=True) + e2 - 2 * (rows @ codebook.t())  # (rows, n_embed)
-        out.append(d.argmin(1))
-    return torch.cat(out).view(b, h, w)
-
-
 class VectorQuantizer(nn.Module):
     """Nearest-codebook quantiser (taming `VectorQuantizer2`, legacy): `forward(z) -> (z_q, codes)`.
 
@@ -335,7 +318,15 @@ class VectorQuantizer(nn.Module):
 
     def codes(self, z: Tensor) -> Tensor:
         """Index of the nearest code for every pixel of z (B, C, h, w) -> (B, h, w) int64."""
-        return nearest_codes(z, self.embedding.weight, self.chunk)
+        b, c, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, c).float()  # (B*h*w, C)
+        codebook = self.embedding.weight.float()  # (n_embed, C)
+        e2 = codebook.pow(2).sum(1)  # (n_embed,)
+        out = []
+        for rows in flat.split(self.chunk):
+            d = rows.pow(2).sum(1, keepdim=True) + e2 - 2 * (rows @ codebook.t())  # (rows, n_embed)
+            out.append(d.argmin(1))
+        return torch.cat(out).view(b, h, w)
 
     def lookup(self, codes: Tensor) -> Tensor:
         """Codebook vectors for `codes` (B, h, w) -> (B, C, h, w)."""

@@ -91,6 +91,12 @@ class LatentModel:
     def _vq_autocast(self, device: torch.device):
         return torch.autocast(device.type, dtype=self.vq_dtype or torch.float32, enabled=self.vq_dtype is not None)
 
+    def quantize(self, latent: torch.Tensor) -> torch.Tensor:
+        """The latent snapped to its nearest codes, float32 (the codebook search `decode` starts with; no VQ pass
+        is counted): the quantiser of the cut's fitted decoder (`linear_vq_for`)."""
+        with torch.autocast(latent.device.type, enabled=False):
+            return self.vq.quantize(latent.float())[0]
+
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """VQ decode with codebook quantisation (official decode_first_stage), clamped to [-1, 1]; float32 even
         inside autocast (the joint sampler takes finite differences through the VQ) unless `fast_path` set
@@ -224,7 +230,7 @@ def linear_vq_for(m: ZoomLDM, store=None, n: int = 64, seed: int = 0):
     """The fitted linear VQ of the `linear` joint constraint (zoomldm.diffusion.surrogate) for model m: fitted
     on n base-magnification latents of the store (a fixed random pick), or, without a store or its latents, on
     latents of random codebook entries (a weaker fit; logged). The decoder part (5 x 5 latent taps) is fitted
-    on the latents snapped to the VQ's codebook, which it keeps for `decode_quantized` (cut.decode_steps)."""
+    on the latents snapped by `m.quantize`, which it keeps for `decode_quantized` (cut.decode_steps)."""
     from zoomldm.diffusion.surrogate import fit_linear_vq
     h, gen = m.latent_side, torch.Generator().manual_seed(seed)
     table = store.table(store.magnifications[0].name) if store is not None else None
@@ -241,8 +247,7 @@ def linear_vq_for(m: ZoomLDM, store=None, n: int = 64, seed: int = 0):
         latents = codebook[codes].permute(0, 3, 1, 2).contiguous()               # (n, c, h, h)
     vq_dtype, m.vq_dtype = m.vq_dtype, None          # the encoder's finite differences need float32
     try:
-        return fit_linear_vq(latents.to(m.device), m.decode, m.encode, dec_taps=5,
-                             codebook=m.vq.quantize.embedding.weight)
+        return fit_linear_vq(latents.to(m.device), m.decode, m.encode, dec_taps=5, quantize=m.quantize)
     finally:
         m.vq_dtype = vq_dtype
 
