@@ -284,8 +284,8 @@ def diag_rows(m, device, out):
 
 
 def profile_rows(m, device, d, out, smoke):
-    """torch.profiler over one 1024² image of the linear cut (K = 1): the top operators by device time go to
-    OUT/profile.txt, the top 3 into the table (where the loop's time goes beyond UNet and VQ)."""
+    """torch.profiler over one 1024² image of the linear cut (K = 1, decode_steps 4): the top operators by device
+    time go to OUT/profile.txt, the top 3 into the table (where the loop's time goes beyond UNet and VQ)."""
     from torch.profiler import ProfilerActivity, profile
     h = m.latent_side
     guide_ctx, patch_ctx = contexts(d, device)[4]
@@ -293,7 +293,7 @@ def profile_rows(m, device, d, out, smoke):
     lin = dn.linear_vq_for(m)
     cut = LinearCutConfig()
     c = FastJointConfig(steps=2 if smoke else 20, inner_steps=cut.inner_steps, patch_batch=cut.patch_batch,
-                        constraint_mode="linear")
+                        constraint_mode="linear", decode_steps=1 if smoke else 4)
     large_once(m, device, 4, c, lin, half_stride(h), guide_ctx, patch_ctx)                # warm-up
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
@@ -307,7 +307,7 @@ def profile_rows(m, device, d, out, smoke):
         names = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
         return next((getattr(e, n) for n in names if hasattr(e, n)), 0) / 1e6
     for e in sorted(prof.key_averages(), key=self_time, reverse=True)[:4]:
-        row("profile 1024² linear K = 1", e.key[:60], f"{self_time(e):.2f} s self", f"{e.count} calls", out)
+        row("profile 1024² linear K = 1, decode_steps 4", e.key[:60], f"{self_time(e):.2f} s self", f"{e.count} calls", out)
 
 
 def train_rows(device, preset, out, batch=64, steps=10):
