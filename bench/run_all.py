@@ -15,7 +15,7 @@ Rows: ms per UNet sample-forward at batch 34 and 128 (bf16 autocast, channels-la
 ms per VQ decode of one patch (fp32, bf16, compiled bf16) and of its codebook search alone; patch images/s at
 50 DDIM steps + CFG (batch 64, bf16 VQ decode); seconds per 1024² and 4096² image for the reference joint
 algorithm and for the linear cut with the settings of `sample.large.cut` (the real VQ decode in the residual only
-in the last 4 of 20 outer steps, as the paper configs' `decode_steps`; in all of them; and with the constraint on
+in every 3rd of the 20 outer steps, as brca.yaml's `decode_every`; in all of them; and with the constraint on
 the first 14 of 20 only), with their UNet sample-forwards and VQ passes; training samples/s (UNet + Summarizer, AdamW,
 bf16, batch 64). Random weights: time does not depend on them.
 
@@ -217,7 +217,7 @@ def large_rows(m, device, d, out, budget, smoke, ref_steps):
     m.vq_decode_fn = vq_decode_fn
 
     # the cut with the settings of sample.large.cut (K = 1, patch batch 64, bf16 VQ, decode stride window/2): the
-    # real VQ decode in the residual only in the last 4 of 20 outer steps (the paper configs' decode_steps) first,
+    # real VQ decode in the residual only in every 3rd of 20 outer steps (brca.yaml's decode_every) first,
     # then in every step (the default), then every step with the constraint on the first 14 of 20 only
     cut = LinearCutConfig()
     m.vq_dtype = torch.bfloat16 if device.type == "cuda" and cut.vq_precision == "bf16" else None
@@ -228,7 +228,7 @@ def large_rows(m, device, d, out, budget, smoke, ref_steps):
     nets = "compiled UNet" if m.unet_fn is not None else "eager UNet"
     nets += " + compiled VQ" if m.vq_decode_fn is not None else ", eager VQ"
     stride = cut.decode_stride or half_stride(h)
-    n_dec = 1 if smoke else 4
+    n_dec = 2 if smoke else 3
     plan = [(4, None, n_dec, True), (4, None, n_dec, False), (big, None, n_dec, False), (4, None, None, False),
             (big, None, None, False), (big, steps * 7 // 10, None, False)]
     for grid, n_con, n_dec, warm in plan:
@@ -236,18 +236,18 @@ def large_rows(m, device, d, out, budget, smoke, ref_steps):
             row(f"large {grid * m.patch_px}²", "linear cut", "skipped", "time budget", out)
             continue
         c = FastJointConfig(steps=steps, inner_steps=cut.inner_steps, patch_batch=cut.patch_batch,
-                            constraint_mode="linear", constraint_steps=n_con, decode_steps=n_dec)
+                            constraint_mode="linear", constraint_steps=n_con, decode_every=n_dec)
         res, s, s_blend, cnt = large_once(m, device, grid, c, lin, stride, *ctx[grid])
         if warm:
             continue
         which = "all" if n_con is None else f"first {n_con} of"
-        real = "every step" if n_dec is None else f"the last {n_dec}"
+        real = "every step" if n_dec is None else f"1 of every {n_dec} steps"
         row(f"large {grid * m.patch_px}²", f"linear cut (K = {c.inner_steps}, constraint on {which} {steps} steps, "
             f"VQ decode in the residual in {real}, patch batch {c.patch_batch}, {cut.vq_precision} VQ, "
             f"stride {stride}; {nets})", f"{s + s_blend:.1f} s",
             f"sampling {s:.1f} s + blend {s_blend:.1f} s; {cnt['unet_forwards']:,} UNet, {cnt['vq_decodes']:,} VQ "
             f"decodes, 0 encodes", out, seconds=s + s_blend,
-            algo=f"linear-K{c.inner_steps}-{n_con or steps}" + ("" if n_dec is None else f"-dec{n_dec}"),
+            algo=f"linear-K{c.inner_steps}-{n_con or steps}" + ("" if n_dec is None else f"-every{n_dec}"),
             grid=grid, **cnt)
 
 
@@ -284,7 +284,7 @@ def diag_rows(m, device, out):
 
 
 def profile_rows(m, device, d, out, smoke):
-    """torch.profiler over one 1024² image of the linear cut (K = 1, decode_steps 4): the top operators by device
+    """torch.profiler over one 1024² image of the linear cut (K = 1, decode_every 3): the top operators by device
     time go to OUT/profile.txt, the top 3 into the table (where the loop's time goes beyond UNet and VQ)."""
     from torch.profiler import ProfilerActivity, profile
     h = m.latent_side
@@ -293,7 +293,7 @@ def profile_rows(m, device, d, out, smoke):
     lin = dn.linear_vq_for(m)
     cut = LinearCutConfig()
     c = FastJointConfig(steps=2 if smoke else 20, inner_steps=cut.inner_steps, patch_batch=cut.patch_batch,
-                        constraint_mode="linear", decode_steps=1 if smoke else 4)
+                        constraint_mode="linear", decode_every=2 if smoke else 3)
     large_once(m, device, 4, c, lin, half_stride(h), guide_ctx, patch_ctx)                # warm-up
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
@@ -307,7 +307,7 @@ def profile_rows(m, device, d, out, smoke):
         names = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
         return next((getattr(e, n) for n in names if hasattr(e, n)), 0) / 1e6
     for e in sorted(prof.key_averages(), key=self_time, reverse=True)[:4]:
-        row("profile 1024² linear K = 1, decode_steps 4", e.key[:60], f"{self_time(e):.2f} s self", f"{e.count} calls", out)
+        row("profile 1024² linear K = 1, decode_every 3", e.key[:60], f"{self_time(e):.2f} s self", f"{e.count} calls", out)
 
 
 def train_rows(device, preset, out, batch=64, steps=10):

@@ -24,7 +24,7 @@ def test_shipped_configs_load(name):
     ({"dataset": {"magnifications": ["3x"]}}, "dataset.magnifications"),
     ({"dataset": {"stride_fraction_by_mag": {"20x": 0}}}, "dataset.stride_fraction_by_mag.20x"),
     ({"encoder": {"name": "resnet"}}, "encoder.name"),
-    ({"sample": {"large": {"cut": {"decode_steps": -1}}}}, "sample.large.cut.decode_steps"),
+    ({"sample": {"large": {"cut": {"decode_every": 0}}}}, "sample.large.cut.decode_every"),
 ])
 def test_bad_config_names_the_key_in_one_line(data, key):
     with pytest.raises(ConfigError) as e:

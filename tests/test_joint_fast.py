@@ -235,38 +235,44 @@ def test_decode_quantized_snaps_like_the_real_decoder():
         fit_linear_vq(torch.randn(24, *SHAPE), q_decode, vq_encode, quantize=lambda z: z[:, :2])
 
 
-def test_decode_steps_replaces_the_early_decodes_by_the_surrogate():
-    """decode_steps = N: the residual decodes for real only in the last N constrained outer steps. With an exact
-    surrogate (snap-then-linear toy VQ) the latents match the all-decode run while the loop's VQ decodes drop to
-    the guide's plus N steps' worth; a perturbed surrogate changes them (so it is the one used); N ≥ the
-    constrained steps is the all-decode run exactly."""
-    steps, k, n = 5, 2, G * G
+def test_decode_every_anchors_the_surrogate_on_the_last_real_decode():
+    """decode_every = k: the residual decodes for real only in every k-th constrained outer step counted back
+    from the last; in between D̃(Q(x̂0)) plus the anchor D(x̂0) − D̃(Q(x̂0)) of the patch's last real decode.
+    Exact surrogate (snap-then-linear toy VQ): the all-decode latents with fewer loop decodes. A surrogate off
+    by a constant: the anchor cancels it exactly wherever one exists (k = 2 over 5 steps decodes at 4, 2, 0),
+    not in a step before the first anchor (4 steps decode at 3, 1). Off by a scale: it changes the result (so it
+    is the one used). k ≥ the constrained steps decodes in the last one only; k = 1 is the all-decode run."""
+    k_in, n = 2, G * G
     x = randn_items(0, range(1 + G * G), SHAPE)
     exact = fit_linear_vq(torch.randn(24, *SHAPE, generator=torch.Generator().manual_seed(1)), q_decode, vq_encode,
                           ridge=1e-9, quantize=snap)
-    off = dataclasses.replace(exact, dec_bias=exact.dec_bias + 0.3)
+    shifted = dataclasses.replace(exact, dec_bias=exact.dec_bias + 0.05)
+    scaled = dataclasses.replace(exact, dec_weight=1.3 * exact.dec_weight)
 
-    def go(decode_steps, lin=exact, constraint_steps=None):
-        cfg = FastJointConfig(steps=steps, inner_steps=k, constraint_mode="linear", decode_steps=decode_steps,
+    def go(every, lin=exact, steps=5, constraint_steps=None):
+        cfg = FastJointConfig(steps=steps, inner_steps=k_in, constraint_mode="linear", decode_every=every,
                               constraint_steps=constraint_steps)
         return joint_sample(gauss_eps, vq_encode, q_decode, SCHED, x[:1], x[1:], G, cfg, linear_vq=lin,
                             noise_fn=step_noise_fn(0, range(1 + G * G)))
-    full, none, two, big = go(None), go(0), go(2), go(steps)
-    assert full.vq_decodes == steps * (1 + n * k)
-    assert (none.vq_decodes, two.vq_decodes) == (steps, steps + 2 * n * k)
-    for res in (none, two):
-        torch.testing.assert_close(res.patch_latents, full.patch_latents, atol=1e-4, rtol=0)
-    torch.testing.assert_close(big.patch_latents, full.patch_latents, atol=0, rtol=0)
-    assert big.vq_decodes == full.vq_decodes
-    assert (go(0, off).patch_latents - full.patch_latents).abs().max() > 1e-2
-    # with constraint_steps = 3 the last 2 constrained steps are steps 2 and 3 of 5 (the rest: no constraint)
+    full, two, one = go(None), go(2), go(1)
+    assert full.vq_decodes == 5 * (1 + n * k_in) and two.vq_decodes == 5 + 3 * n * k_in
+    torch.testing.assert_close(two.patch_latents, full.patch_latents, atol=1e-4, rtol=0)
+    torch.testing.assert_close(one.patch_latents, full.patch_latents, atol=0, rtol=0)
+    assert one.vq_decodes == full.vq_decodes
+    torch.testing.assert_close(go(2, shifted).patch_latents, full.patch_latents, atol=1e-4, rtol=0)
+    four = go(2, steps=4)
+    assert four.vq_decodes == 4 + 2 * n * k_in
+    assert (go(2, shifted, steps=4).patch_latents - four.patch_latents).abs().max() > 1e-2
+    assert (go(2, scaled).patch_latents - full.patch_latents).abs().max() > 1e-2
+    assert go(9).vq_decodes == 5 + n * k_in
+    # the constraint on the first 3 of 5 steps: decodes at steps 2 and 0
     part = go(2, constraint_steps=3)
-    assert part.vq_decodes == 3 + 2 * n * k
+    assert part.vq_decodes == 3 + 2 * n * k_in
     torch.testing.assert_close(part.patch_latents, go(None, constraint_steps=3).patch_latents, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="fitted with the quantiser"):
-        go(1, toy_linear_vq())
-    with pytest.raises(ValueError, match="decode_steps"):
-        FastJointConfig(decode_steps=-1)
+        go(2, toy_linear_vq())
+    with pytest.raises(ValueError, match="decode_every"):
+        FastJointConfig(decode_every=0)
 
 
 def test_config_and_input_checks():

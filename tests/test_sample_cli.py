@@ -314,11 +314,11 @@ def test_large_linear_cut_is_a_config_choice(env, tmp_path):
     ok(run(*base, "--out", tmp_path / "k1", "--constraint-mode", "linear", "--inner-steps", 1, "--decode-stride", 1))
     k1 = json.loads((tmp_path / "k1" / "0.json").read_text())
     assert (k1["inner_steps"], k1["decode_stride"], k1["joint_vq_decodes"]) == (1, 1, steps * (1 + n))
-    ok(run(*base, "--out", tmp_path / "d1", "--constraint-mode", "linear", "--decode-steps", 1))
+    ok(run(*base, "--out", tmp_path / "d1", "--constraint-mode", "linear", "--decode-every", steps))
     d1 = json.loads((tmp_path / "d1" / "0.json").read_text())    # real decodes: the guide's + the last step's
-    assert (d1["decode_steps"], d1["joint_vq_decodes"]) == (1, steps + n * 2)
+    assert (d1["decode_every"], d1["joint_vq_decodes"]) == (steps, steps + n * 2)
     assert steps > 1 and d1["joint_unet_forwards"] == cut["joint_unet_forwards"]
-    for flag in ("--constraint-steps", "--decode-steps"):
+    for flag in ("--constraint-steps", "--decode-every"):
         res = run(*base, "--out", tmp_path / "bad", flag, 1)
         assert res.exit_code == 2 and f"{flag} applies to --constraint-mode linear only" in res.output
     guides = [np.asarray(Image.open(tmp_path / d / "0_guide.png")) for d in ("ref", "cut")]

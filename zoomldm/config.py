@@ -198,13 +198,14 @@ class LinearCutConfig:
     """The settings of issue #8's cut (`zoomldm/diffusion/joint_fast.py`), used whenever the constraint mode is
     `linear`: the workflow's `zoomldm_linear` variant (`sample.large.linear`) or `sample.large.constraint_mode:
     linear`. They are the settings bench/RESULTS.md times and whose quality the demo measured (K = 1 against the
-    reference at its own K); the CLI's --inner-steps / --patch-batch / --constraint-steps / --decode-steps /
+    reference at its own K); the CLI's --inner-steps / --patch-batch / --constraint-steps / --decode-every /
     --decode-stride still override them."""
     inner_steps: int = 1                     # K: one VQ decode per patch and inner iteration
     constraint_steps: int | None = None      # constrain only the first N outer steps (null: all)
-    # the real VQ decode in the residual only in the last N constrained outer steps; before them the fitted
-    # linear decoder after the codebook snap, D̃(Q(x̂0)), no VQ pass (null: every step decodes)
-    decode_steps: int | None = None
+    # the real VQ decode in the residual only in every k-th constrained outer step (counted back from the last);
+    # in between the fitted linear decoder after the codebook snap, D̃(Q(x̂0)), anchored on the patch's last real
+    # decode: no VQ pass (null or 1: every step decodes)
+    decode_every: int | None = None
     patch_batch: int = 64                    # base patches per UNet (x2 for CFG) / VQ batch
     decode_stride: int | None = None         # blended-decode stride in latents (null: window/2)
     vq_precision: Literal["fp32", "bf16"] = "bf16"   # CUDA only: no finite difference runs through the VQ
@@ -411,7 +412,7 @@ class Config:
         _check(cut.inner_steps >= 0, "sample.large.cut.inner_steps", "must be ≥ 0")
         _check(cut.patch_batch >= 1, "sample.large.cut.patch_batch", "must be ≥ 1")
         _check(cut.decode_stride is None or cut.decode_stride >= 1, "sample.large.cut.decode_stride", "must be ≥ 1")
-        _check(cut.decode_steps is None or cut.decode_steps >= 0, "sample.large.cut.decode_steps", "must be ≥ 0")
+        _check(cut.decode_every is None or cut.decode_every >= 1, "sample.large.cut.decode_every", "must be ≥ 1")
         _check(cut.constraint_steps is None or cut.constraint_steps >= 0, "sample.large.cut.constraint_steps",
                "must be ≥ 0")
         _check(p.cfg_scale >= 0, "sample.patches.cfg_scale", "must be ≥ 0")

@@ -228,15 +228,16 @@ def _large_options(f):
                    "inner iteration) [sample.large.constraint_mode].")
 @click.option("--constraint-steps", type=click.IntRange(min=0), default=None,
               help="linear mode: constrain only the first N outer steps [sample.large.cut.constraint_steps].")
-@click.option("--decode-steps", type=click.IntRange(min=0), default=None,
-              help="linear mode: the real VQ decode in the residual only in the last N constrained outer steps, "
-                   "the fitted linear decoder before them [sample.large.cut.decode_steps; default: every step].")
+@click.option("--decode-every", type=click.IntRange(min=1), default=None,
+              help="linear mode: the real VQ decode in the residual only in every k-th constrained outer step "
+                   "(counted back from the last), the anchored linear decoder in between "
+                   "[sample.large.cut.decode_every; default: every step].")
 @click.option("--decode-stride", type=click.IntRange(min=1), default=None,
               help="Blended-decode stride in latents [sample.large.decode_stride, default window/4; linear mode: "
                    "sample.large.cut.decode_stride, default window/2].")
 @_common
 def large(ckpt, cond, cdm_ckpt, vq_path, grid, n, window_batch, shard, num_shards, constraint, steps, inner_steps,
-          guidance_w, patch_batch, constraint_mode, constraint_steps, decode_steps, decode_stride, out, config_path,
+          guidance_w, patch_batch, constraint_mode, constraint_steps, decode_every, decode_stride, out, config_path,
           store_path, seed, device, precision, progress) -> None:
     """Large images by joint multi-scale sampling: OUT/<i>.png, OUT/<i>_guide.png and OUT/<i>.json."""
     import torch
@@ -257,7 +258,7 @@ def large(ckpt, cond, cdm_ckpt, vq_path, grid, n, window_batch, shard, num_shard
         return
     mode = _pick(constraint_mode, lc.constraint_mode)
     cut = lc.cut if mode == "linear" else None       # the cut runs with its own settings (sample.large.cut)
-    for flag, value in (("--constraint-steps", constraint_steps), ("--decode-steps", decode_steps)):
+    for flag, value in (("--constraint-steps", constraint_steps), ("--decode-every", decode_every)):
         if cut is None and value is not None:
             raise click.UsageError(f"{flag} applies to --constraint-mode linear only")
     jcfg = FastJointConfig(steps=_pick(steps, lc.steps), h=lc.h, lr=lc.lr, constraint=constraint,
@@ -265,7 +266,7 @@ def large(ckpt, cond, cdm_ckpt, vq_path, grid, n, window_batch, shard, num_shard
                            guidance_w=_pick(guidance_w, lc.guidance_w),
                            patch_batch=_pick(patch_batch, (cut or lc).patch_batch), constraint_mode=mode,
                            constraint_steps=_pick(constraint_steps, cut.constraint_steps) if cut else None,
-                           decode_steps=_pick(decode_steps, cut.decode_steps) if cut else None)
+                           decode_every=_pick(decode_every, cut.decode_every) if cut else None)
     decode_stride = _pick(decode_stride, (cut or lc).decode_stride)
     dev = resolve_device(_pick(device, sc.device))
     m = dn.fast_path(dn.load_zoomldm(ckpt, dev, vq_path=vq_path), sc.compile,

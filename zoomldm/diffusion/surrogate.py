@@ -3,7 +3,7 @@
 The reference joint sampler (``joint.py``) measures the guide constraint in pixel space, which costs one VQ
 decode and two VQ encodes per inner iteration and patch. The cut (``joint_fast``, constraint mode ``linear``)
 keeps the pixel-space residual but replaces, inside the loop only, the encoder's Jacobian by a linear map and,
-in its early outer steps (``decode_steps``), the decoder too (after the codebook snap, below); the maps are
+in most outer steps (``decode_every``), the decoder too (after the codebook snap, below); the maps are
 fitted to the networks near the data:
 
     D̃(z) = PixelShuffle_f(W_d ⋆ z + b_d)      latent (c, h, w) -> image (3, f·h, f·w); W_d: k_d × k_d taps
@@ -23,7 +23,8 @@ The real decoder snaps its input to the nearest code first, so it is piecewise c
 map applied to the raw latent responds to every small move and mispredicts the change (demo: no better than
 the constraint off). Fitted with the VQ's quantiser (``fit_linear_vq(..., quantize=...)``), the decoder part is
 fitted on snapped latents and ``LinearVQ.decode_quantized`` snaps before it maps, D̃(Q(z)), piecewise constant
-like D: the joint cut uses it for the residual of its early outer steps (``joint_fast``, ``decode_steps``).
+like D: the joint cut uses it, anchored on the last real decode, for the residual of most outer steps (``joint_fast``,
+``decode_every``).
 """
 from __future__ import annotations
 

@@ -230,7 +230,7 @@ def linear_vq_for(m: ZoomLDM, store=None, n: int = 64, seed: int = 0):
     """The fitted linear VQ of the `linear` joint constraint (zoomldm.diffusion.surrogate) for model m: fitted
     on n base-magnification latents of the store (a fixed random pick), or, without a store or its latents, on
     latents of random codebook entries (a weaker fit; logged). The decoder part (5 x 5 latent taps) is fitted
-    on the latents snapped by `m.quantize`, which it keeps for `decode_quantized` (cut.decode_steps)."""
+    on the latents snapped by `m.quantize`, which it keeps for `decode_quantized` (cut.decode_every)."""
     from zoomldm.diffusion.surrogate import fit_linear_vq
     h, gen = m.latent_side, torch.Generator().manual_seed(seed)
     table = store.table(store.magnifications[0].name) if store is not None else None
