@@ -15,7 +15,7 @@ Rows: ms per UNet sample-forward at batch 34 and 128 (bf16 autocast, channels-la
 ms per VQ decode of one patch (fp32, bf16, compiled bf16) and of its codebook search alone; patch images/s at
 50 DDIM steps + CFG (batch 64, bf16 VQ decode); seconds per 1024² and 4096² image for the reference joint
 algorithm and for the linear cut with the settings of `sample.large.cut` (the real VQ decode in the residual only
-in every 3rd of the 20 outer steps, as brca.yaml's `decode_every`; in all of them; and with the constraint on
+in every 3rd of the 20 outer steps, as the paper configs' `decode_every`; in all of them; and with the constraint on
 the first 14 of 20 only), with their UNet sample-forwards and VQ passes; training samples/s (UNet + Summarizer, AdamW,
 bf16, batch 64). Random weights: time does not depend on them.
 
@@ -217,7 +217,7 @@ def large_rows(m, device, d, out, budget, smoke, ref_steps):
     m.vq_decode_fn = vq_decode_fn
 
     # the cut with the settings of sample.large.cut (K = 1, patch batch 64, bf16 VQ, decode stride window/2): the
-    # real VQ decode in the residual only in every 3rd of 20 outer steps (brca.yaml's decode_every) first,
+    # real VQ decode in the residual only in every 3rd of 20 outer steps (the paper configs' decode_every) first,
     # then in every step (the default), then every step with the constraint on the first 14 of 20 only
     cut = LinearCutConfig()
     m.vq_dtype = torch.bfloat16 if device.type == "cuda" and cut.vq_precision == "bf16" else None
