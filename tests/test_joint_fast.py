@@ -249,30 +249,58 @@ def test_decode_every_anchors_the_surrogate_on_the_last_real_decode():
     shifted = dataclasses.replace(exact, dec_bias=exact.dec_bias + 0.05)
     scaled = dataclasses.replace(exact, dec_weight=1.3 * exact.dec_weight)
 
-    def go(every, lin=exact, steps=5, constraint_steps=None):
+    def go(every, lin=exact, steps=5, constraint_steps=None, patch_batch=16):
         cfg = FastJointConfig(steps=steps, inner_steps=k_in, constraint_mode="linear", decode_every=every,
-                              constraint_steps=constraint_steps)
+                              constraint_steps=constraint_steps, patch_batch=patch_batch)
         return joint_sample(gauss_eps, vq_encode, q_decode, SCHED, x[:1], x[1:], G, cfg, linear_vq=lin,
                             noise_fn=step_noise_fn(0, range(1 + G * G)))
     full, two, one = go(None), go(2), go(1)
     assert full.vq_decodes == 5 * (1 + n * k_in) and two.vq_decodes == 5 + 3 * n * k_in
     torch.testing.assert_close(two.patch_latents, full.patch_latents, atol=1e-4, rtol=0)
-    torch.testing.assert_close(one.patch_latents, full.patch_latents, atol=0, rtol=0)
+    torch.testing.assert_close(one.patch_latents, full.patch_latents, atol=0, rtol=0)    # 1 means None
     assert one.vq_decodes == full.vq_decodes
     torch.testing.assert_close(go(2, shifted).patch_latents, full.patch_latents, atol=1e-4, rtol=0)
     four = go(2, steps=4)
     assert four.vq_decodes == 4 + 2 * n * k_in
     assert (go(2, shifted, steps=4).patch_latents - four.patch_latents).abs().max() > 1e-2
-    assert (go(2, scaled).patch_latents - full.patch_latents).abs().max() > 1e-2
+    scaled_run = go(2, scaled)
+    assert (scaled_run.patch_latents - full.patch_latents).abs().max() > 1e-2
+    # each patch keeps its own anchor: batches of 3 + 1 patches give the one-batch result with a surrogate whose
+    # error differs per patch
+    torch.testing.assert_close(go(2, scaled, patch_batch=3).patch_latents, scaled_run.patch_latents,
+                               atol=1e-5, rtol=0)
     assert go(9).vq_decodes == 5 + n * k_in
-    # the constraint on the first 3 of 5 steps: decodes at steps 2 and 0
-    part = go(2, constraint_steps=3)
-    assert part.vq_decodes == 3 + 2 * n * k_in
-    torch.testing.assert_close(part.patch_latents, go(None, constraint_steps=3).patch_latents, atol=1e-4, rtol=0)
+    # the constraint on the first 4 of 6 steps, k = 3: decodes at steps 3 and 0 (counted back from step 3, not 5)
+    part = go(3, steps=6, constraint_steps=4)
+    assert part.vq_decodes == 4 + 2 * n * k_in
+    torch.testing.assert_close(part.patch_latents, go(None, steps=6, constraint_steps=4).patch_latents,
+                               atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="fitted with the quantiser"):
         go(2, toy_linear_vq())
+    assert go(2, toy_linear_vq(), constraint_steps=0).vq_decodes == 0   # nothing constrained: no quantiser needed
     with pytest.raises(ValueError, match="decode_every"):
         FastJointConfig(decode_every=0)
+
+
+def test_surrogate_decode_adds_the_anchor_and_clamps():
+    """Between real decodes the residual sees clamp(D̃(Q(z)) + anchor) in float32; the real step stores
+    D(z) − D̃(Q(z)) for its patch batch and returns D(z) unchanged."""
+    from zoomldm.diffusion.joint_fast import _anchored_decode, _surrogate_decode
+    lin = fit_linear_vq(torch.randn(24, *SHAPE, generator=torch.Generator().manual_seed(1)), q_decode, vq_encode,
+                        ridge=1e-9, quantize=snap)
+    z = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(3))
+    real = lambda v: q_decode(v) + 0.5                                            # noqa: E731  (off by +0.5)
+    anchor = {}
+    torch.testing.assert_close(_surrogate_decode(real, lin, anchor, 0, z), q_decode(z).clamp(-1, 1), atol=1e-5,
+                               rtol=0)                                            # no anchor yet
+    torch.testing.assert_close(_anchored_decode(real, lin, anchor, 0, z), real(z), atol=0, rtol=0)
+    torch.testing.assert_close(anchor[0], torch.full_like(anchor[0], 0.5), atol=1e-5, rtol=0)
+    out = _surrogate_decode(real, lin, anchor, 0, z.half())
+    assert out.dtype == torch.float32 and out.max() <= 1 and out.min() >= -1
+    torch.testing.assert_close(out, real(z).clamp(-1, 1), atol=2e-3, rtol=0)
+    assert (real(z) > 1).any()                                                    # so the clamp mattered
+    torch.testing.assert_close(_surrogate_decode(real, lin, anchor, 7, z), q_decode(z).clamp(-1, 1), atol=1e-5,
+                               rtol=0)                                            # another batch: its own anchor
 
 
 def test_config_and_input_checks():

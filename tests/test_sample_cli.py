@@ -318,6 +318,9 @@ def test_large_linear_cut_is_a_config_choice(env, tmp_path):
     d1 = json.loads((tmp_path / "d1" / "0.json").read_text())    # real decodes: the guide's + the last step's
     assert (d1["decode_every"], d1["joint_vq_decodes"]) == (steps, steps + n * 2)
     assert steps > 1 and d1["joint_unet_forwards"] == cut["joint_unet_forwards"]
+    ok(run(*base, "--out", tmp_path / "off", "--constraint-mode", "linear", "--no-constraint", "--decode-every", 2))
+    off = json.loads((tmp_path / "off" / "0.json").read_text())      # nothing constrained: nothing to fit or record
+    assert (off["constraint"], off["decode_every"], off["joint_vq_decodes"]) == (False, None, 0)
     for flag in ("--constraint-steps", "--decode-every"):
         res = run(*base, "--out", tmp_path / "bad", flag, 1)
         assert res.exit_code == 2 and f"{flag} applies to --constraint-mode linear only" in res.output

@@ -231,7 +231,7 @@ def _large_options(f):
 @click.option("--decode-every", type=click.IntRange(min=1), default=None,
               help="linear mode: the real VQ decode in the residual only in every k-th constrained outer step "
                    "(counted back from the last), the anchored linear decoder in between "
-                   "[sample.large.cut.decode_every; default: every step].")
+                   "[sample.large.cut.decode_every; null: every step].")
 @click.option("--decode-stride", type=click.IntRange(min=1), default=None,
               help="Blended-decode stride in latents [sample.large.decode_stride, default window/4; linear mode: "
                    "sample.large.cut.decode_stride, default window/2].")

@@ -111,7 +111,7 @@ def joint_sample(eps_fn: JointEpsFn, encode: ImageFn, decode: ImageFn, schedule:
     """Dispatch on ``cfg.constraint_mode``: ``joint_linear_sample`` (needs ``linear_vq``) or the reference
     ``joint_multiscale_sample`` (same arguments: noise_fn, guide_image, callback, progress)."""
     if isinstance(cfg, FastJointConfig) and cfg.constraint_mode == "linear":
-        if linear_vq is None:
+        if linear_vq is None and cfg.constraint and cfg.inner_steps > 0:     # constraint off: never used
             raise ValueError("joint_sample: constraint_mode 'linear' needs linear_vq "
                              "(zoomldm.diffusion.surrogate.fit_linear_vq)")
         return joint_linear_sample(eps_fn, linear_vq, decode, schedule, x_guide, x_patches, grid, cfg, **kwargs)
@@ -134,15 +134,15 @@ def _anchored_decode(decode: ImageFn, linear_vq: LinearVQ, anchor: dict[int, Ten
                      z: Tensor) -> Tensor:
     """The real decode, keeping its difference to the surrogate as the anchor of the following steps."""
     image = decode(z)
-    anchor[key] = image - linear_vq.decode_quantized(z).to(image.dtype)
+    anchor[key] = image.float() - linear_vq.decode_quantized(z).float()     # float32 even under autocast
     return image
 
 
 def _surrogate_decode(decode: ImageFn, linear_vq: LinearVQ, anchor: dict[int, Tensor], key: int,
                       z: Tensor) -> Tensor:
     """D̃(Q(z)) plus the anchor of the last real decode (none before the first), clamped as the decoder is."""
-    image = linear_vq.decode_quantized(z)
-    return (image if key not in anchor else image + anchor[key].to(image.dtype)).clamp(-1, 1)
+    image = linear_vq.decode_quantized(z).float()
+    return (image if key not in anchor else image + anchor[key]).clamp(-1, 1)
 
 
 @torch.no_grad()
@@ -165,7 +165,10 @@ def joint_linear_sample(eps_fn: JointEpsFn, linear_vq: LinearVQ, decode: ImageFn
     last = cfg.steps if getattr(cfg, "constraint_steps", None) is None else cfg.constraint_steps
     every = getattr(cfg, "decode_every", None) or 1
     end = min(last, cfg.steps) - 1                       # the last constrained outer step always decodes
-    if every > 1 and linear_vq.quantize is None:
+    constrained = cfg.constraint and cfg.inner_steps > 0 and end >= 0
+    if linear_vq is None and constrained:
+        raise ValueError("joint_linear_sample: the constraint needs linear_vq (surrogate.fit_linear_vq)")
+    if every > 1 and constrained and linear_vq.quantize is None:
         raise ValueError("joint_linear_sample: decode_every needs a linear_vq fitted with the quantiser "
                          "(fit_linear_vq(..., quantize=...))")
     anchor: dict[int, Tensor] = {}      # per patch batch (its first index): D(x̂0) − D̃(Q(x̂0)) at its last real decode

@@ -97,7 +97,7 @@ def sample_large(m: dn.ZoomLDM, i: int, grid: int, guide_mag, seed: int, jcfg: J
         "steps": jcfg.steps, "inner_steps": jcfg.inner_steps if jcfg.constraint else 0,
         "guidance_w": jcfg.guidance_w, "constraint_mode": getattr(jcfg, "constraint_mode", "reference"),
         "constraint_steps": getattr(jcfg, "constraint_steps", None),
-        "decode_every": getattr(jcfg, "decode_every", None), "decode_stride": stride,
+        "decode_every": getattr(jcfg, "decode_every", None) if jcfg.constraint else None, "decode_stride": stride,
         # Work per image: the sampler's own counters (loop) plus the final/blend decodes, and the wrappers'
         # totals (every UNet sample-forward and VQ pass this image caused).
         "joint_unet_forwards": res.unet_forwards, "joint_vq_decodes": res.vq_decodes,
