@@ -307,7 +307,8 @@ def profile_rows(m, device, d, out, smoke):
         names = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
         return next((getattr(e, n) for n in names if hasattr(e, n)), 0) / 1e6
     for e in sorted(prof.key_averages(), key=self_time, reverse=True)[:4]:
-        row(f"profile 1024² linear K = 1, decode_every {c.decode_every}", e.key[:60], f"{self_time(e):.2f} s self", f"{e.count} calls", out)
+        row(f"profile 1024² linear K = 1, decode_every {c.decode_every}", e.key[:60], f"{self_time(e):.2f} s self",
+            f"{e.count} calls", out)
 
 
 def train_rows(device, preset, out, batch=64, steps=10):

@@ -365,6 +365,6 @@ def test_blend_weights_and_half_stride_decode():
     img, n = decode_large(latent, up, window=16, stride=half_stride(16), batch=8, return_count=True)
     assert n == blend_decode_count(64, 16) == 7 ** 2
     torch.testing.assert_close(img, up(latent))
-    const = decode_large(torch.full((1, 3, 64, 64), 0.3), up, window=16, stride=half_stride(16))  # weights normalise to 1
+    const = decode_large(torch.full((1, 3, 64, 64), 0.3), up, window=16, stride=half_stride(16))  # weights sum to 1
     torch.testing.assert_close(const, torch.full((1, 3, 128, 128), 0.3))
     torch.testing.assert_close(decode_large(latent, up, 16, 8), img)

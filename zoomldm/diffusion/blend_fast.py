@@ -8,22 +8,21 @@ The reference decode (``blend.decode_large``, official ``decode_large_image``, r
      256 latents (1024² px): stride 16 -> 13² =   169;  stride 32 ->  7² =  49;  stride 64 ->  4² =  16
 
 The cut (``sample.large.cut``) runs ``blend.decode_large`` with stride ``half_stride(window)`` = window/2 by
-default: every latent is decoded 4 times instead of 16 (3.9× fewer decodes at 4096², 3.4× at 1024²), and every seam between two generated patches
-(at multiples of the window) still lies in the middle of a window, where the Gaussian weight is largest, so
-it is decoded with full context on both sides. stride = window degenerates to the plain per-patch decode.
+default: every latent is decoded 4 times instead of 16 (3.9× fewer decodes at 4096², 3.4× at 1024²), and every
+seam between two generated patches (at multiples of the window) still lies in the middle of a window, where the
+Gaussian weight is largest, so it is decoded with full context on both sides. stride = window degenerates to the plain per-patch decode.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .blend import gaussian_window, window_origins
+from .blend import count_windows, gaussian_window, window_origins
 
 
 def blend_decode_count(side: int, window: int = 64, stride: int | None = None) -> int:
     """VQ decodes of a blended decode of a (side, side) latent canvas; stride None = window // 2."""
-    n = len(window_origins(side, window, stride or half_stride(window)))
-    return n * n
+    return count_windows(side, side, window, stride or half_stride(window))
 
 
 def blend_weights(height: int, width: int, window: int, stride: int, f: int = 1,

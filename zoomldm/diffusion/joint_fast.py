@@ -171,7 +171,7 @@ def joint_linear_sample(eps_fn: JointEpsFn, linear_vq: LinearVQ, decode: ImageFn
     if every > 1 and constrained and linear_vq.quantize is None:
         raise ValueError("joint_linear_sample: decode_every needs a linear_vq fitted with the quantiser "
                          "(fit_linear_vq(..., quantize=...))")
-    anchor: dict[int, Tensor] = {}      # per patch batch (its first index): D(x̂0) − D̃(Q(x̂0)) at its last real decode
+    anchor: dict[int, Tensor] = {}   # per patch batch (its first index): D(x̂0) − D̃(Q(x̂0)), last real decode
 
     for i, t in enumerate(tqdm(cfg.timesteps(), desc="joint-linear", disable=not progress)):
         inner = cfg.inner_steps if cfg.constraint and i < last else 0
@@ -186,6 +186,7 @@ def joint_linear_sample(eps_fn: JointEpsFn, linear_vq: LinearVQ, decode: ImageFn
             x_g, _ = ddim_step(x_g, eps_g, step.idx, step.idx_prev, schedule, sigma=step.sigma,
                                noise=None if z is None else z[:1])
         tiles = split_tiles(image_g, grid) if inner else None                   # (N, 3, p, p)
+        real = every == 1 or (end - i) % every == 0        # this step's residual decodes for real
 
         for start in range(0, n, cfg.patch_batch):
             sl = slice(start, min(start + cfg.patch_batch, n))
@@ -193,10 +194,9 @@ def joint_linear_sample(eps_fn: JointEpsFn, linear_vq: LinearVQ, decode: ImageFn
             eps = eps_fn(x, step.tvec(x), "patches", sl)
             unet += fpc * x.shape[0]
             x0 = step.x0_hat(x, eps)
-            real = every == 1 or (end - i) % every == 0
+            fn = decode if every == 1 else partial(_anchored_decode if real else _surrogate_decode,
+                                                   decode, linear_vq, anchor, sl.start)
             for _ in range(inner):
-                fn = decode if every == 1 else partial(_anchored_decode if real else _surrogate_decode,
-                                                       decode, linear_vq, anchor, sl.start)
                 x, x0 = linear_iteration(fn, linear_vq, step, x, eps, x0, tiles[sl], cfg.lr)
                 dec += x.shape[0] if real else 0
             x_p[sl], _ = ddim_step(x, eps, step.idx, step.idx_prev, schedule, sigma=step.sigma,

@@ -23,8 +23,8 @@ The real decoder snaps its input to the nearest code first, so it is piecewise c
 map applied to the raw latent responds to every small move and mispredicts the change (demo: no better than
 the constraint off). Fitted with the VQ's quantiser (``fit_linear_vq(..., quantize=...)``), the decoder part is
 fitted on snapped latents and ``LinearVQ.decode_quantized`` snaps before it maps, D̃(Q(z)), piecewise constant
-like D: the joint cut uses it, anchored on the last real decode, for the residual of most outer steps (``joint_fast``,
-``decode_every``).
+like D: the joint cut uses it, anchored on the last real decode, for the residual of most outer steps
+(``joint_fast``, ``decode_every``).
 """
 from __future__ import annotations
 
