@@ -5,11 +5,13 @@
     python bench/run_all.py --smoke                                     # CPU plumbing check (small preset)
     python bench/run_all.py --only large profile ...                    # a subset of the sections below
 
-Sections (in order): "UNet eager", "UNet compile", VQ, patches, large, diag, profile, training. Without
+Sections (in order): "UNet eager", cut, "UNet compile", VQ, patches, large, diag, profile, training. "cut" times
+the cut's paper setting (1 real decode in every 3 steps) at 1024² and 4096² on the eager networks, before anything
+is compiled, so the rows that decide issue 8 exist even when a compile fails or the budget runs out. Without
 --no-compile, "UNet compile" compiles the UNet (~255 s on an H100) and VQ compiles the decoder; every later
 section then samples with them (rows say "compiled"). The next run planned for issue 8 (~8 min):
 
-    python bench/run_all.py --out $OUT --only "UNet compile" VQ patches large profile --budget 500
+    python bench/run_all.py --out $OUT --only cut "UNet compile" VQ patches large profile --budget 480
 
 Rows: ms per UNet sample-forward at batch 34 and 128 (bf16 autocast, channels-last, eager and torch.compile);
 ms per VQ decode of one patch (fp32, bf16, compiled bf16) and of its codebook search alone; patch images/s at
@@ -38,17 +40,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sample_large import build  # noqa: E402
-from unet_forward import PAPER_GFLOP, time_forward  # noqa: E402
+from sample_large import build
+from unet_forward import PAPER_GFLOP, time_forward
 
-from zoomldm.diffusion import ddim_sample, randn_items, step_noise_fn  # noqa: E402
-from zoomldm.diffusion.blend import decode_large, patch_windows  # noqa: E402
-from zoomldm.diffusion.blend_fast import half_stride  # noqa: E402
-from zoomldm.diffusion.joint import assemble  # noqa: E402
-from zoomldm.config import LinearCutConfig  # noqa: E402
-from zoomldm.diffusion.joint_fast import FastJointConfig, joint_sample  # noqa: E402
-from zoomldm.models.summarizer import SUMMARIZER_PRESETS  # noqa: E402
-from zoomldm.sampling import denoisers as dn  # noqa: E402
+from zoomldm.config import LinearCutConfig
+from zoomldm.diffusion import ddim_sample, randn_items, step_noise_fn
+from zoomldm.diffusion.blend import decode_large, patch_windows
+from zoomldm.diffusion.blend_fast import half_stride
+from zoomldm.diffusion.joint import assemble
+from zoomldm.diffusion.joint_fast import FastJointConfig, joint_sample
+from zoomldm.models.summarizer import SUMMARIZER_PRESETS
+from zoomldm.sampling import denoisers as dn
 
 ROWS: list[dict] = []
 
@@ -196,14 +198,13 @@ def large_once(m, device, grid, cfg, linear_vq, stride, guide_ctx, patch_ctx, wi
 def large_rows(m, device, d, out, budget, smoke, ref_steps):
     h = m.latent_side
     ctx = contexts(d, device)
-    big = 4 if smoke else 16
     # reference: fp32 VQ (its finite differences through the encoder), patch batch 16 (official pattern),
     # timed on its first ref_steps outer steps (t = 1000, 950, ... as in the full run)
     m.vq_dtype, vq_decode_fn, m.vq_decode_fn = None, m.vq_decode_fn, None   # official: eager fp32 VQ
     steps, k_ref = (2, 2) if smoke else (20, 10)
     n_part = min(ref_steps, steps)
     part = FastJointConfig(steps=n_part, inner_steps=k_ref, patch_batch=16)
-    res, s, s_blend, cnt = large_once(m, device, 4, part, None, max(1, h // 4), *ctx[4])
+    _, s, s_blend, cnt = large_once(m, device, 4, part, None, max(1, h // 4), *ctx[4])
     # part has stride 1000 / n_part; per outer step the work is the same whatever the stride
     ref_1k = s / n_part * steps + s_blend
     unet_full = cnt["unet_forwards"] // n_part * steps
@@ -219,6 +220,19 @@ def large_rows(m, device, d, out, budget, smoke, ref_steps):
     # the cut with the settings of sample.large.cut (K = 1, patch batch 64, bf16 VQ, decode stride window/2): the
     # real VQ decode in the residual only in every 3rd of 20 outer steps (the paper configs' decode_every) first,
     # then in every step (the default), then every step with the constraint on the first 14 of 20 only
+    n_dec = 2 if smoke else 3
+    big = 4 if smoke else 16
+    steps = 2 if smoke else 20
+    cut_rows(m, device, d, out, budget, smoke,
+             [(4, None, n_dec, True), (4, None, n_dec, False), (big, None, n_dec, False), (4, None, None, False),
+              (big, None, None, False), (big, steps * 7 // 10, None, False)])
+
+
+def cut_rows(m, device, d, out, budget, smoke, plan):
+    """Whole images of the linear cut with the settings of `sample.large.cut`, one row per (grid, constraint
+    steps, decode_every, warm-up only) in `plan`; the networks the section finds (compiled or eager)."""
+    h = m.latent_side
+    ctx = contexts(d, device)
     cut = LinearCutConfig()
     m.vq_dtype = torch.bfloat16 if device.type == "cuda" and cut.vq_precision == "bf16" else None
     t0 = time.perf_counter()
@@ -228,16 +242,13 @@ def large_rows(m, device, d, out, budget, smoke, ref_steps):
     nets = "compiled UNet" if m.unet_fn is not None else "eager UNet"
     nets += " + compiled VQ" if m.vq_decode_fn is not None else ", eager VQ"
     stride = cut.decode_stride or half_stride(h)
-    n_dec = 2 if smoke else 3
-    plan = [(4, None, n_dec, True), (4, None, n_dec, False), (big, None, n_dec, False), (4, None, None, False),
-            (big, None, None, False), (big, steps * 7 // 10, None, False)]
     for grid, n_con, n_dec, warm in plan:
         if grid == 16 and budget.left() < 60:
             row(f"large {grid * m.patch_px}²", "linear cut", "skipped", "time budget", out)
             continue
         c = FastJointConfig(steps=steps, inner_steps=cut.inner_steps, patch_batch=cut.patch_batch,
                             constraint_mode="linear", constraint_steps=n_con, decode_every=n_dec)
-        res, s, s_blend, cnt = large_once(m, device, grid, c, lin, stride, *ctx[grid])
+        _, s, s_blend, cnt = large_once(m, device, grid, c, lin, stride, *ctx[grid])
         if warm:
             continue
         which = "all" if n_con is None else f"first {n_con} of"
@@ -347,9 +358,12 @@ def main() -> None:
     m.unet = m.unet.to(memory_format=torch.channels_last).eval()
     m.vq = m.vq.to(memory_format=torch.channels_last).eval()
     compiled = None
+    k = 2 if args.smoke else 3                           # decode_every of the paper configs (2 of 2 steps smoke)
     sections = [
         ("UNet eager", 20, lambda: unet_rows(m, device, [34, 128] if cuda else [2], 20 if cuda else 2, args.out,
                                              None)),
+        ("cut", 60, lambda: cut_rows(m, device, d, args.out, budget, args.smoke,
+                                     [(4, None, k, True), (4, None, k, False), (16 if cuda else 4, None, k, False)])),
         ("UNet compile", 200, lambda: compile_and_time()),
         ("VQ", 20, lambda: vq_rows(m, device, args.out, cuda and not args.no_compile)),
         ("patches", 40, lambda: patch_rows(m, device, d, args.out, *((64, 50) if cuda else (2, 5)))),
