@@ -3,15 +3,20 @@
     PYTHONUNBUFFERED=1 python bench/run_all.py --out $OUT --no-compile   # paper preset, random weights, ~6 min
     PYTHONUNBUFFERED=1 python bench/run_all.py --out $OUT                # + the compiled UNet and VQ decoder
     python bench/run_all.py --smoke                                     # CPU plumbing check (small preset)
-    python bench/run_all.py --only large profile ...                    # a subset of the sections below
+    python bench/run_all.py --only VQ cut                               # sections in the order named
 
-Sections (in order): "UNet eager", cut, "UNet compile", VQ, patches, large, diag, profile, training. "cut" times
-the cut's paper setting (1 real decode in every 3 steps) at 1024² and 4096² on the eager networks, before anything
-is compiled, so the rows that decide issue 8 exist even when a compile fails or the budget runs out. Without
---no-compile, "UNet compile" compiles the UNet (~255 s on an H100) and VQ compiles the decoder; every later
-section then samples with them (rows say "compiled"). The next run planned for issue 8 (~8 min):
+Sections (default order): "UNet eager", cut, "UNet compile", VQ, patches, large, diag, profile, training; `--only`
+runs the named ones in the order it names them. "cut" times the cut's paper setting (1 real decode in every 3
+steps) at 1024² and 4096² on the networks compiled so far. Without --no-compile, "UNet compile" compiles the UNet
+(255-270 s on an H100) and VQ compiles the decoder (~17 s); every later section then samples with them (rows say
+"compiled"). The issue-8 rows on one H100 (2026-11-27, ~80 s; bench/RESULTS.md):
 
-    python bench/run_all.py --out $OUT --only cut "UNet compile" VQ patches large profile --budget 480
+    python bench/run_all.py --out $OUT --only VQ cut --budget 190
+
+The next run (~8 min): the compiled UNet in patch sampling (2026-11-27's run recompiled there, fixed since) and
+the large rows with both networks compiled:
+
+    python bench/run_all.py --out $OUT --only VQ cut "UNet compile" patches large profile --budget 480
 
 Rows: ms per UNet sample-forward at batch 34 and 128 (bf16 autocast, channels-last, eager and torch.compile);
 ms per VQ decode of one patch (fp32, bf16, compiled bf16) and of its codebook search alone; patch images/s at
@@ -136,9 +141,7 @@ def vq_rows(m, device, out, compile_vq=False):
     vq_row("codebook search alone, batch 16, fp32", ms, "eager, in every decode", "fp32-quantize")
     if not compile_vq:
         return
-    unet_fn = m.unet_fn
-    dn.compile_networks(m)                     # the UNet's compiled module is kept (or none, eager) below
-    m.unet_fn = unet_fn
+    dn.compile_networks(m, unet=False)         # the decoder only: the UNet stays as "UNet compile" left it
     for b in (16, 64):
         zb = torch.randn(b, 3, h, h, device=device)
         try:
@@ -392,9 +395,9 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
 
+    if args.only:                                  # in the order --only names them
+        sections = sorted((s for s in sections if s[0] in args.only), key=lambda s: args.only.index(s[0]))
     for name, need, fn in sections:
-        if args.only and name not in args.only:
-            continue
         if cuda:
             torch.cuda.empty_cache()
             print(f"[{name}] allocated {torch.cuda.memory_allocated() / 2**30:.1f} GiB, peak so far "

@@ -25,12 +25,19 @@ def test_shipped_configs_load(name):
     ({"dataset": {"stride_fraction_by_mag": {"20x": 0}}}, "dataset.stride_fraction_by_mag.20x"),
     ({"encoder": {"name": "resnet"}}, "encoder.name"),
     ({"sample": {"large": {"cut": {"decode_every": 0}}}}, "sample.large.cut.decode_every"),
+    ({"sample": {"compile": "unet"}}, "sample.compile"),
+    ({"sample": {"compile": 1}}, "sample.compile"),
 ])
 def test_bad_config_names_the_key_in_one_line(data, key):
     with pytest.raises(ConfigError) as e:
         config_from_dict(data)
     msg = str(e.value)
     assert f"'{key}'" in msg and "\n" not in msg
+
+
+def test_sample_compile_takes_a_bool_or_vq():
+    for value in (False, True, "vq"):
+        assert config_from_dict({"sample": {"compile": value}}).sample.compile == value
 
 
 def test_suggests_close_key():

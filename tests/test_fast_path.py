@@ -114,3 +114,47 @@ def test_aot_tracing_of_the_vq_decoder_matches_eager():
     want = m.decode(z)
     dn.compile_networks(m, backend="aot_eager")          # compiles lazily: only the decoder is called here
     torch.testing.assert_close(m.decode(z), want, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_the_compiled_unet_sees_one_memory_format_whatever_the_sampler_passes():
+    """The H100 bench of 2026-11-27 traced the UNet on channels-last batches; the patch sampler's NCHW batches then
+    failed the graph's stride guard and recompiled it (minutes, and there it hung). `model_fn` hands the compiled
+    UNet channels-last inputs always: one graph for both layouts, and the eager result."""
+    m = tiny_model()
+    x, t, ctx = torch.randn(4, 3, 8, 8), torch.tensor([1, 200, 500, 999]), torch.randn(4, 5, 32)
+    want = m.model_fn(x, t, ctx)
+    backend = CountingBackend()
+    dn.compile_networks(m, backend=backend)
+    got_cl = m.model_fn(x.contiguous(memory_format=torch.channels_last), t, ctx)
+    n = backend.graphs
+    got = m.model_fn(x, t, ctx)
+    assert n >= 1 and backend.graphs == n                              # no recompile for the NCHW batch
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got_cl, want, rtol=0, atol=1e-6)
+
+
+def test_compile_vq_leaves_the_unet_eager_and_fast_path_rejects_other_values():
+    m = tiny_model()
+    dn.compile_networks(m, backend=CountingBackend(), unet=False)
+    assert m.unet_fn is None and m.vq_decode_fn is not None
+    for bad in ("unet", 1, None):
+        with pytest.raises(ValueError, match="compile must be false, true or 'vq'"):
+            dn.fast_path(tiny_model(), compile=bad)
+    assert dn.fast_path(tiny_model(), compile="vq") is not None       # CPU: accepted, a no-op
+
+
+@torch.no_grad()
+def test_the_linear_vq_fit_runs_the_eager_decoder_and_restores_the_compiled_one():
+    """The fit decodes in float32; the compiled decoder was traced under the samplers' bf16 autocast, so calling it
+    would recompile it (25 s on an H100) for a one-off decode. It is set aside for the fit and put back."""
+    m = tiny_model()
+    calls = []
+
+    def compiled(z):
+        calls.append(z.shape[0])
+        return m.vq.decode(z, quantize=False)
+    m.vq_decode_fn, m.vq_dtype = compiled, torch.bfloat16
+    lin = dn.linear_vq_for(m, n=16)
+    assert lin is not None and calls == []
+    assert m.vq_decode_fn is compiled and m.vq_dtype is torch.bfloat16

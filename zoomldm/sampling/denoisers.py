@@ -86,7 +86,12 @@ class LatentModel:
 
     def model_fn(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         self.counter.unet += x.shape[0]
-        return (self.unet if self.unet_fn is None else self.unet_fn)(x, t, context)   # a compiled module has no bool()
+        if self.unet_fn is None:                  # a compiled module has no bool()
+            return self.unet(x, t, context)
+        # one memory format for every caller: the compiled graph guards on the strides of x, and a sampler's NCHW
+        # batch after a channels-last one (or the other way round) would recompile it (minutes for the paper UNet;
+        # torch 2.11's dynamic-shape recompile of it hung for over 100 s in the H100 bench of 2026-11-27)
+        return self.unet_fn(x.contiguous(memory_format=torch.channels_last), t, context)
 
     def _vq_autocast(self, device: torch.device):
         return torch.autocast(device.type, dtype=self.vq_dtype or torch.float32, enabled=self.vq_dtype is not None)
@@ -189,30 +194,36 @@ def check_cdm_fits(cdm: ConditionDiT, m: ZoomLDM, mag_index: int) -> None:
         raise ValueError(f"--cdm-ckpt knows {cdm.config.mag_levels} magnifications; index {mag_index} is outside")
 
 
-def fast_path(m: LatentModel, compile: bool = False, vq_precision: str = "fp32",
+def fast_path(m: LatentModel, compile: bool | str = False, vq_precision: str = "fp32",
               compile_cache: str | Path | None = None) -> LatentModel:
     """The CUDA fast path of issue #8 on a loaded model, in place: channels-last UNet and VQ, VQ passes in bf16
-    (`vq_precision`) and, with `compile`, torch.compile of the UNet and the VQ decoder (`compile_networks`). No-op
-    on CPU (nothing there is faster for it). Results change only by the rounding of the chosen precisions."""
+    (`vq_precision`) and torch.compile (`compile_networks`): `compile=True` of the UNet and the VQ decoder,
+    `compile="vq"` of the VQ decoder only (a compile of seconds instead of minutes; the H100 setting that met
+    issue 8's large-image targets, bench/RESULTS.md). No-op on CPU (nothing there is faster for it). Results
+    change only by the rounding of the chosen precisions."""
     if vq_precision not in ("fp32", "bf16"):
         raise ValueError(f"vq_precision must be fp32 or bf16, got {vq_precision!r}")
+    if not (isinstance(compile, bool) or compile == "vq"):
+        raise ValueError(f"compile must be false, true or 'vq', got {compile!r}")
     if m.device.type != "cuda":
         return m
     m.unet.to(memory_format=torch.channels_last)
     m.vq.to(memory_format=torch.channels_last)
     m.vq_dtype = torch.bfloat16 if vq_precision == "bf16" else None
     if compile:
-        compile_networks(m, compile_cache=compile_cache)
+        compile_networks(m, compile_cache=compile_cache, unet=compile is True)
     return m
 
 
-def compile_networks(m: LatentModel, backend: str = "inductor", compile_cache: str | Path | None = None) -> None:
-    """torch.compile, in place, of the UNet forward (dynamic shapes: one graph for every batch size) and of the
-    VQ decoder after the codebook search, which stays eager in float32 (`LatentModel.decode` marks the batch
-    dimension dynamic: one graph for every batch > 1; batch 1, the guide, stays eager: a 1-of-257 share of the
-    decodes is not worth a second compile). Compiling happens at the first call of each
-    (minutes on a GPU for the paper UNet); `compile_cache` points the kernel cache (TORCHINDUCTOR_CACHE_DIR,
-    unless set in the environment) at a directory that outlives the job, so later jobs reuse the kernels."""
+def compile_networks(m: LatentModel, backend: str = "inductor", compile_cache: str | Path | None = None,
+                     unet: bool = True) -> None:
+    """torch.compile, in place, of the UNet forward (dynamic shapes: one graph for every batch size; skipped with
+    `unet=False`) and of the VQ decoder after the codebook search, which stays eager in float32
+    (`LatentModel.decode` marks the batch dimension dynamic: one graph for every batch > 1; batch 1, the guide,
+    stays eager: a 1-of-257 share of the decodes is not worth a second compile). Compiling happens at the first
+    call of each (the paper UNet: 270 s on an H100; the VQ decoder: 17 s); `compile_cache` points the kernel cache
+    (TORCHINDUCTOR_CACHE_DIR, unless set in the environment) at a directory that outlives the job, so later jobs
+    reuse the kernels."""
     if compile_cache is not None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         path = Path(compile_cache).resolve()
         try:                                 # now, not deep inside the first compile after minutes of work
@@ -221,7 +232,8 @@ def compile_networks(m: LatentModel, backend: str = "inductor", compile_cache: s
             raise ValueError(f"sample.compile_cache {compile_cache}: cannot create {path} ({e.strerror})") from e
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     vq = m.vq
-    m.unet_fn = torch.compile(m.unet, dynamic=True, backend=backend)
+    if unet:
+        m.unet_fn = torch.compile(m.unet, dynamic=True, backend=backend)
     m.vq_decode_fn = torch.compile(lambda z: vq.decode(z, quantize=False), backend=backend)
 
 
@@ -245,11 +257,13 @@ def linear_vq_for(m: ZoomLDM, store=None, n: int = 64, seed: int = 0):
         codebook = m.vq.quantize.embedding.weight.detach().float().cpu()          # (n_embed, c)
         codes = torch.randint(0, codebook.shape[0], (n, h, h), generator=gen)
         latents = codebook[codes].permute(0, 3, 1, 2).contiguous()               # (n, c, h, h)
-    vq_dtype, m.vq_dtype = m.vq_dtype, None          # the encoder's finite differences need float32
+    # the encoder's finite differences need float32; the compiled decoder is left out (it was traced under the
+    # samplers' bf16 autocast: a float32 call recompiles it, 25 s on an H100, for a one-off 64-latent decode)
+    vq_dtype, vq_decode_fn, m.vq_dtype, m.vq_decode_fn = m.vq_dtype, m.vq_decode_fn, None, None
     try:
         return fit_linear_vq(latents.to(m.device), m.decode, m.encode, dec_taps=5, quantize=m.quantize)
     finally:
-        m.vq_dtype = vq_dtype
+        m.vq_dtype, m.vq_decode_fn = vq_dtype, vq_decode_fn
 
 
 # UNet autocast dtype per task on CUDA for precision "auto". Patch sets: bf16. Joint sampling: fp16, the
