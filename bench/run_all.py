@@ -348,8 +348,8 @@ def main() -> None:
     if args.smoke:
         torch.set_num_threads(1)
     budget = Budget(args.budget)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    # torch's defaults, as the zoomldm commands run (fp32 matmuls exact: the codebook search's argmin needs
+    # it); runs before 2026-11-27 had TF32 matmuls on, which touched only matmuls outside bf16 autocast
     card = torch.cuda.get_device_name() if cuda else "CPU (smoke check, not a performance number)"
     print(f"# bench/run_all.py on {card}, torch {torch.__version__}, preset {preset}\n")
     print("| section | setting | value | note |\n|---|---|---|---|")

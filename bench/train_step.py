@@ -26,8 +26,8 @@ def measure(preset: str, batch: int, steps: int = 20, warmup: int = 3, compile: 
     shapes; bf16 autocast on CUDA, fp32 on CPU."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    # torch's defaults, as the zoomldm commands run (fp32 matmuls exact: the codebook search's argmin needs
+    # it); runs before 2026-11-27 had TF32 matmuls on, which touched only matmuls outside bf16 autocast
     summ_cfg = SUMMARIZER_PRESETS[preset]
     unet_cfg = dataclasses.replace(UNET_PRESETS[preset], context_dim=summ_cfg.hidden_dim)
     unet = UNet(unet_cfg).to(device, memory_format=torch.channels_last)
