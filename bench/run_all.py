@@ -153,6 +153,10 @@ def vq_rows(m, device, out, compile_vq=False):
                                                                                warm=False),
                f"first call {s_first:.1f} s" + (" (the compile)" if b == 16 else " (no recompile expected)"),
                "bf16-compiled")
+    _, s_first = timed(lambda: m.quantize(z), device)
+    vq_row("codebook search alone, batch 16, fp32, compiled (codes_direct)",
+           ms_per_patch(lambda: m.quantize(z), 16, device, warm=False), f"first call {s_first:.1f} s; in every "
+           "compiled decode and surrogate step", "fp32-quantize-compiled")
 
 
 def patch_rows(m, device, d, out, n=64, steps=50):

@@ -266,8 +266,8 @@ class SampleConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     # CUDA fast path of `sample patches` and `sample large` (issue #8; ignored on CPU and by `sample sr`, whose
     # inversion back-propagates): channels-last always; compile: true = torch.compile of the UNet and of the VQ
-    # decoder (the UNet's compile takes minutes: pays from a few thousand forwards on), vq = the VQ decoder only
-    # (seconds; 2.6x faster decodes on an H100), false = none; VQ passes in bf16 (fp32 is the official choice
+    # decoder (the UNet's compile takes minutes: pays from a few thousand forwards on), vq = the VQ decoder and
+    # codebook search only (seconds; 2.6x faster decodes on an H100), false = none; VQ passes in bf16 (fp32 is the official choice
     # and what the reference joint sampler's finite differences through the encoder need; the cut has its own,
     # sample.large.cut.vq_precision). compile_cache: directory of the compiled kernels, shared by the jobs
     # (TORCHINDUCTOR_CACHE_DIR; relative to the working directory; null: torch's default under /tmp, which a

@@ -328,6 +328,17 @@ class VectorQuantizer(nn.Module):
             out.append(d.argmin(1))
         return torch.cat(out).view(b, h, w)
 
+    def codes_direct(self, z: Tensor) -> Tensor:
+        """`codes` by the direct squared distance sum_c (z_c - e_c)^2, written to be compiled: torch.compile fuses
+        it into one reduction over the codebook (the 3-wide sum unrolled) that never stores the (pixels x n_embed)
+        matrix, where `codes` streams chunks of it through memory (0.46 ms of every 2.2-ms compiled decode on an
+        H100). Eager it would hold that matrix: use `codes` there. The same nearest code as `codes` except where
+        two codes are equidistant to rounding (the expanded form rounds differently)."""
+        b, c, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, 1, c).float()  # (B*h*w, 1, C)
+        d = (flat - self.embedding.weight.float()).pow(2).sum(-1)  # (B*h*w, n_embed): fused when compiled
+        return d.argmin(1).view(b, h, w)
+
     def lookup(self, codes: Tensor) -> Tensor:
         """Codebook vectors for `codes` (B, h, w) -> (B, C, h, w)."""
         return self.embedding(codes).permute(0, 3, 1, 2)
