@@ -58,6 +58,7 @@ from zoomldm.models.summarizer import SUMMARIZER_PRESETS
 from zoomldm.sampling import denoisers as dn
 
 ROWS: list[dict] = []
+SECTIONS = ("UNet eager", "cut", "UNet compile", "VQ", "patches", "large", "diag", "profile", "training")
 
 
 class Budget:
@@ -141,22 +142,22 @@ def vq_rows(m, device, out, compile_vq=False):
     vq_row("codebook search alone, batch 16, fp32", ms, "eager, in every decode", "fp32-quantize")
     if not compile_vq:
         return
-    dn.compile_networks(m, unet=False)         # the decoder only: the UNet stays as "UNet compile" left it
-    for b in (16, 64):
-        zb = torch.randn(b, 3, h, h, device=device)
-        try:
-            _, s_first = timed(lambda: m.decode(zb), device)
-        except Exception:
-            m.vq_decode_fn = None              # the later sections run on the eager decoder
-            raise
-        vq_row(f"batch {b}, bf16, compiled (batch dim dynamic)", ms_per_patch(lambda: m.decode(zb), b, device,
-                                                                               warm=False),
-               f"first call {s_first:.1f} s" + (" (the compile)" if b == 16 else " (no recompile expected)"),
-               "bf16-compiled")
-    _, s_first = timed(lambda: m.quantize(z), device)
-    vq_row("codebook search alone, batch 16, fp32, compiled (codes_direct)",
-           ms_per_patch(lambda: m.quantize(z), 16, device, warm=False), f"first call {s_first:.1f} s; in every "
-           "compiled decode and surrogate step", "fp32-quantize-compiled")
+    dn.compile_networks(m, unet=False)         # the VQ only: the UNet stays as "UNet compile" left it
+    try:                                       # the search first, so that its compile is not in a decode's time
+        _, s_first = timed(lambda: m.quantize(z), device)
+        vq_row("codebook search alone, batch 16, fp32, compiled (codes_direct)",
+               ms_per_patch(lambda: m.quantize(z), 16, device, warm=False), f"first call {s_first:.1f} s; in every "
+               "compiled decode and surrogate step", "fp32-quantize-compiled")
+        for b in (16, 64):
+            zb = torch.randn(b, 3, h, h, device=device)
+            _, s_first = timed(lambda zb=zb: m.decode(zb), device)
+            vq_row(f"batch {b}, bf16, compiled (batch dim dynamic)",
+                   ms_per_patch(lambda zb=zb: m.decode(zb), b, device, warm=False),
+                   f"first call {s_first:.1f} s" + (" (the compile)" if b == 16 else " (no recompile expected)"),
+                   "bf16-compiled")
+    except Exception:
+        m.vq_decode_fn = m.vq_codes_fn = None  # the later sections run on the eager VQ
+        raise
 
 
 def patch_rows(m, device, d, out, n=64, steps=50):
@@ -207,7 +208,26 @@ def large_rows(m, device, d, out, budget, smoke, ref_steps):
     ctx = contexts(d, device)
     # reference: fp32 VQ (its finite differences through the encoder), patch batch 16 (official pattern),
     # timed on its first ref_steps outer steps (t = 1000, 950, ... as in the full run)
-    m.vq_dtype, vq_decode_fn, m.vq_decode_fn = None, m.vq_decode_fn, None   # official: eager fp32 VQ
+    compiled_vq = m.vq_decode_fn, m.vq_codes_fn                  # official: eager fp32 VQ
+    m.vq_dtype, m.vq_decode_fn, m.vq_codes_fn = None, None, None
+    try:
+        ref_rows(m, device, out, ctx, h, smoke, ref_steps)
+    finally:
+        m.vq_decode_fn, m.vq_codes_fn = compiled_vq
+
+    # the cut with the settings of sample.large.cut (K = 1, patch batch 64, bf16 VQ, decode stride window/2): the
+    # real VQ decode in the residual only in every 3rd of 20 outer steps (the paper configs' decode_every) first,
+    # then in every step (the default), then every step with the constraint on the first 14 of 20 only
+    n_dec = 2 if smoke else 3
+    big = 4 if smoke else 16
+    steps = 2 if smoke else 20
+    cut_rows(m, device, d, out, budget, smoke,
+             [(4, None, n_dec, True), (4, None, n_dec, False), (big, None, n_dec, False), (4, None, None, False),
+              (big, None, None, False), (big, steps * 7 // 10, None, False)])
+
+
+def ref_rows(m, device, out, ctx, h, smoke, ref_steps):
+    """The reference algorithm's rows (1024² timed on its first ref_steps outer steps, 4096² extrapolated)."""
     steps, k_ref = (2, 2) if smoke else (20, 10)
     n_part = min(ref_steps, steps)
     part = FastJointConfig(steps=n_part, inner_steps=k_ref, patch_batch=16)
@@ -222,17 +242,6 @@ def large_rows(m, device, d, out, budget, smoke, ref_steps):
     ref_4k = ref_1k * (1 + 16 * 16) / (1 + 4 * 4)
     row(f"large {16 * m.patch_px}²", "reference (same)", f"{ref_4k:.0f} s", "extrapolated: 4 x 4 time × 257/17", out,
         seconds=ref_4k, algo="reference", grid=16)
-    m.vq_decode_fn = vq_decode_fn
-
-    # the cut with the settings of sample.large.cut (K = 1, patch batch 64, bf16 VQ, decode stride window/2): the
-    # real VQ decode in the residual only in every 3rd of 20 outer steps (the paper configs' decode_every) first,
-    # then in every step (the default), then every step with the constraint on the first 14 of 20 only
-    n_dec = 2 if smoke else 3
-    big = 4 if smoke else 16
-    steps = 2 if smoke else 20
-    cut_rows(m, device, d, out, budget, smoke,
-             [(4, None, n_dec, True), (4, None, n_dec, False), (big, None, n_dec, False), (4, None, None, False),
-              (big, None, None, False), (big, steps * 7 // 10, None, False)])
 
 
 def cut_rows(m, device, d, out, budget, smoke, plan):
@@ -345,6 +354,9 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", default=None, help="Run only these sections (names as in the table).")
     ap.add_argument("--smoke", action="store_true", help="CPU plumbing check: small preset, tiny sizes.")
     args = ap.parse_args()
+    unknown = [n for n in args.only or [] if n not in SECTIONS]
+    if unknown:
+        ap.error(f"--only: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
@@ -393,12 +405,13 @@ def main() -> None:
         m.unet_fn = compiled
 
     def free_sampling():
-        m.unet_fn = m.vq_decode_fn = None
+        m.unet_fn = m.vq_decode_fn = m.vq_codes_fn = None
         for attr in ("unet", "vq"):
             setattr(m, attr, None)
         if cuda:
             torch.cuda.empty_cache()
 
+    assert tuple(sec[0] for sec in sections) == SECTIONS
     if args.only:                                  # in the order --only names them
         sections = sorted((s for s in sections if s[0] in args.only), key=lambda s: args.only.index(s[0]))
     for name, need, fn in sections:

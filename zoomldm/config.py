@@ -265,13 +265,14 @@ class SampleConfig:
     # SR (back-propagation); the VQ always runs in fp32; CPU always fp32.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     # CUDA fast path of `sample patches` and `sample large` (issue #8; ignored on CPU and by `sample sr`, whose
-    # inversion back-propagates): channels-last always; compile: true = torch.compile of the UNet and of the VQ
-    # decoder (the UNet's compile takes minutes: pays from a few thousand forwards on), vq = the VQ decoder and
-    # codebook search only (seconds; 2.6x faster decodes on an H100), false = none; VQ passes in bf16 (fp32 is the official choice
-    # and what the reference joint sampler's finite differences through the encoder need; the cut has its own,
-    # sample.large.cut.vq_precision). compile_cache: directory of the compiled kernels, shared by the jobs
-    # (TORCHINDUCTOR_CACHE_DIR; relative to the working directory; null: torch's default under /tmp, which a
-    # cluster node may not keep between jobs).
+    # inversion back-propagates): channels-last always. compile: true = torch.compile of the UNet, the VQ decoder
+    # and the codebook search (the UNet's 270-s compile on an H100 pays back after ~450k sample-forwards, ~45
+    # images at 4096²); vq = the VQ decoder and codebook search only (seconds; bf16 decodes 2.6x faster on an
+    # H100); false = none. It applies to every sampling command of the run, the reference joint sampler's fp32 VQ
+    # included. vq_precision: VQ passes in bf16 (fp32 is the official choice and what the reference joint
+    # sampler's finite differences through the encoder need; the cut has its own, sample.large.cut.vq_precision).
+    # compile_cache: directory of the compiled kernels, shared by the jobs (TORCHINDUCTOR_CACHE_DIR; relative to
+    # the working directory; null: torch's default under /tmp, which a cluster node may not keep between jobs).
     compile: bool | Literal["vq"] = False
     compile_cache: str | None = None
     vq_precision: Literal["fp32", "bf16"] = "fp32"

@@ -105,8 +105,12 @@ class LatentModel:
             latent = latent.float()
             if self.vq_codes_fn is None or latent.shape[0] == 1:
                 return self.vq.quantize(latent)[0]
-            torch._dynamo.mark_dynamic(latent, 0)
-            return self.vq.quantize.lookup(self.vq_codes_fn(latent)).float()
+            # one memory format for the compiled graph (it guards on strides; channels-last needs no copy to the
+            # search's pixel rows), the batch dimension dynamic
+            z = latent.contiguous(memory_format=torch.channels_last)
+            torch._dynamo.mark_dynamic(z, 0)
+            z_q = self.vq.quantize.lookup(self.vq_codes_fn(z)).float()
+            return latent + (z_q - latent).detach() if latent.requires_grad else z_q   # straight-through as eager
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """VQ decode with codebook quantisation (official decode_first_stage), clamped to [-1, 1]; float32 even
@@ -202,9 +206,9 @@ def check_cdm_fits(cdm: ConditionDiT, m: ZoomLDM, mag_index: int) -> None:
 def fast_path(m: LatentModel, compile: bool | str = False, vq_precision: str = "fp32",
               compile_cache: str | Path | None = None) -> LatentModel:
     """The CUDA fast path of issue #8 on a loaded model, in place: channels-last UNet and VQ, VQ passes in bf16
-    (`vq_precision`) and torch.compile (`compile_networks`): `compile=True` of the UNet and the VQ decoder,
-    `compile="vq"` of the VQ decoder only (a compile of seconds instead of minutes; the H100 setting that met
-    issue 8's large-image targets, bench/RESULTS.md). No-op on CPU (nothing there is faster for it). Results
+    (`vq_precision`) and torch.compile (`compile_networks`): `compile=True` of the UNet, the VQ decoder and the
+    codebook search, `compile="vq"` of the VQ decoder and the codebook search only (a compile of seconds instead
+    of minutes; the H100 setting of issue 8's large-image rows, bench/RESULTS.md). No-op on CPU (nothing there is faster for it). Results
     change only by the rounding of the chosen precisions."""
     if vq_precision not in ("fp32", "bf16"):
         raise ValueError(f"vq_precision must be fp32 or bf16, got {vq_precision!r}")
