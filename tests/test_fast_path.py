@@ -231,3 +231,11 @@ def test_one_compiled_search_graph_serves_both_memory_formats():
     got = m.quantize(z.contiguous(memory_format=torch.channels_last))
     assert n == 1 and backend.graphs == 1
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_vq_fingerprint_sees_any_weight_and_only_the_weights():
+    a, b = tiny_model(), tiny_model()                    # same seed: same weights
+    assert dn.vq_fingerprint(a.vq) == dn.vq_fingerprint(b.vq)
+    with torch.no_grad():
+        b.vq.decoder.conv_out.bias[0] += 1e-6
+    assert dn.vq_fingerprint(a.vq) != dn.vq_fingerprint(b.vq)

@@ -321,11 +321,44 @@ def test_large_linear_cut_is_a_config_choice(env, tmp_path):
     ok(run(*base, "--out", tmp_path / "off", "--constraint-mode", "linear", "--no-constraint", "--decode-every", 2))
     off = json.loads((tmp_path / "off" / "0.json").read_text())      # nothing constrained: nothing to fit or record
     assert (off["constraint"], off["decode_every"], off["joint_vq_decodes"]) == (False, None, 0)
-    for flag in ("--constraint-steps", "--decode-every"):
+    for flag in ("--constraint-steps", "--decode-every", "--linear-vq"):
         res = run(*base, "--out", tmp_path / "bad", flag, 1)
         assert res.exit_code == 2 and f"{flag} applies to --constraint-mode linear only" in res.output
     guides = [np.asarray(Image.open(tmp_path / d / "0_guide.png")) for d in ("ref", "cut")]
     np.testing.assert_array_equal(*guides)                     # the guide is never corrected: same in both
+
+
+def test_a_saved_linear_fit_gives_the_image_of_fitting_in_the_job(env, tmp_path):
+    """`sample fit-linear` once, then `sample large --linear-vq FILE`: the same image as the job that fits for
+    itself (the workflow's large-image jobs load the run's fit instead of refitting); a fit of another VQ, a
+    missing file and a foreign file are one-line errors."""
+    from zoomldm.sampling.denoisers import load_linear_vq, save_linear_vq
+    base = ["large", "--config", env["config"], "--ckpt", env["ckpt"], "--grid", 4, "--no-progress",
+            "--constraint-mode", "linear"]
+    fit = tmp_path / "fit" / "linear_vq.safetensors"
+    ok(run("fit-linear", "--config", env["config"], "--ckpt", env["ckpt"], "--out", fit))
+    ok(run(*base, "--out", tmp_path / "own"))
+    ok(run(*base, "--out", tmp_path / "loaded", "--linear-vq", fit))
+    own, loaded = (np.asarray(Image.open(tmp_path / d / "0.png")) for d in ("own", "loaded"))
+    np.testing.assert_array_equal(own, loaded)
+    rec = json.loads((tmp_path / "loaded" / "0.json").read_text())
+    assert rec["linear_vq"] == str(fit)
+    assert json.loads((tmp_path / "own" / "0.json").read_text())["linear_vq"] == "fitted in this run"
+    lin, meta = load_linear_vq(fit)
+    assert meta["latents"] == "random codebook latents" and meta["n"] == 64 and len(meta["vq"]) == 16   # toy store: no latents
+    lin.enc_weight = lin.enc_weight.flip(-1)             # a different fit of the same VQ: a different image
+    scaled = tmp_path / "scaled.safetensors"
+    save_linear_vq(lin, scaled, meta)
+    ok(run(*base, "--out", tmp_path / "scaled", "--linear-vq", scaled))
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "scaled" / "0.png")), own)
+    other = tmp_path / "other.safetensors"
+    save_linear_vq(lin, other, dict(meta, vq="0123456789abcdef"))
+    _one_line_error(run(*base, "--out", tmp_path / "x", "--linear-vq", other), "fitted for another VQ",
+                    "zoomldm sample fit-linear")
+    _one_line_error(run(*base, "--out", tmp_path / "x", "--linear-vq", tmp_path / "nope.safetensors"),
+                    "does not exist")
+    _one_line_error(run(*base, "--out", tmp_path / "x", "--linear-vq", env["ckpt"]),
+                    "is not a linear VQ fit")
 
 
 def test_sr_writes_consistency_and_psnr(env, tmp_path):

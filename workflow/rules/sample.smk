@@ -155,6 +155,34 @@ else:
             "--cond {wildcards.cond} --out {params.out} --no-progress > {log} 2>&1"
 
 
+# The cut's linear VQ, fitted once per run: every zoomldm_linear job loads it instead of refitting (on an H100
+# the fit costs a job more than sampling a 1024² image).
+_LINEAR_FIT = f"{SAMPLES}/large/zoomldm_linear/linear_vq.safetensors"
+
+
+rule fit_linear_vq:
+    input:
+        ckpt=_LDM,
+        store=f"{STORE}/store.json",
+        config=ancient(CONFIG),
+    output:
+        _LINEAR_FIT,
+    log:
+        "logs/sample/large/fit_linear_vq.log",
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=30,
+    conda:
+        ENV
+    params:
+        cli=ZOOMLDM,
+    shell:
+        "OMP_NUM_THREADS={threads} {params.cli} sample fit-linear --config {input.config} --ckpt {input.ckpt} "
+        "--out {output} > {log} 2>&1"
+
+
 # One job per large image (i: the item index; image i depends only on (sample.seed, i)).
 rule sample_large:
     input:
@@ -162,6 +190,7 @@ rule sample_large:
         cdm=_cdm_input,
         store=f"{STORE}/store.json",
         config=ancient(CONFIG),
+        linear_vq=lambda wc: [_LINEAR_FIT] if wc.variant == "zoomldm_linear" else [],
     output:
         image=f"{SAMPLES}/large/{{variant}}/grid{{grid}}/{{i}}.png",
         guide=f"{SAMPLES}/large/{{variant}}/grid{{grid}}/{{i}}_guide.png",
@@ -187,7 +216,7 @@ rule sample_large:
         n=lambda wc: N_LARGE[int(wc.grid)],
         flags=lambda wc, input: " ".join(
             (["--no-constraint"] if wc.variant.endswith("unconstrained") else [])
-            + (["--constraint-mode linear"] if wc.variant == "zoomldm_linear" else [])
+            + ([f"--constraint-mode linear --linear-vq {input.linear_vq[0]}"] if wc.variant == "zoomldm_linear" else [])
             + ([f"--cond cdm --cdm-ckpt {input.cdm[0]}"] if input.cdm else ["--cond store"])
         ),
         out=lambda wc, output: os.path.dirname(output.image),

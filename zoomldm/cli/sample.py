@@ -2,6 +2,8 @@
 
     zoomldm sample patches --ckpt M --mag 5x --n 10000 --out DIR [--cond cdm --cdm-ckpt C] [--shard K]
     zoomldm sample large --ckpt M --grid 4 --n 8 --out DIR [--no-constraint] [--cond cdm --cdm-ckpt C]
+    zoomldm sample fit-linear --ckpt M --config CFG --out FILE            # the cut's linear VQ, once per run
+    zoomldm sample large --ckpt M --grid 4 --constraint-mode linear --linear-vq FILE --out DIR
     zoomldm sample graikos-large --ckpt G --grid 4 --n 8 --out DIR
     zoomldm sample sr-inputs --config CFG --grid 4 --n 4 --out DIR       # LR/HR pairs from the store
     zoomldm sample sr --ckpt M --lr IMAGE [--lr IMAGE ...] --out DIR
@@ -235,10 +237,12 @@ def _large_options(f):
 @click.option("--decode-stride", type=click.IntRange(min=1), default=None,
               help="Blended-decode stride in latents [sample.large.decode_stride, default window/4; linear mode: "
                    "sample.large.cut.decode_stride, default window/2].")
+@click.option("--linear-vq", "linear_vq_path", type=click.Path(dir_okay=False), default=None,
+              help="linear mode: the fit `zoomldm sample fit-linear` wrote, instead of fitting here.")
 @_common
 def large(ckpt, cond, cdm_ckpt, vq_path, grid, n, window_batch, shard, num_shards, constraint, steps, inner_steps,
-          guidance_w, patch_batch, constraint_mode, constraint_steps, decode_every, decode_stride, out, config_path,
-          store_path, seed, device, precision, progress) -> None:
+          guidance_w, patch_batch, constraint_mode, constraint_steps, decode_every, decode_stride, linear_vq_path,
+          out, config_path, store_path, seed, device, precision, progress) -> None:
     """Large images by joint multi-scale sampling: OUT/<i>.png, OUT/<i>_guide.png and OUT/<i>.json."""
     import torch
 
@@ -258,7 +262,8 @@ def large(ckpt, cond, cdm_ckpt, vq_path, grid, n, window_batch, shard, num_shard
         return
     mode = _pick(constraint_mode, lc.constraint_mode)
     cut = lc.cut if mode == "linear" else None       # the cut runs with its own settings (sample.large.cut)
-    for flag, value in (("--constraint-steps", constraint_steps), ("--decode-every", decode_every)):
+    for flag, value in (("--constraint-steps", constraint_steps), ("--decode-every", decode_every),
+                        ("--linear-vq", linear_vq_path)):
         if cut is None and value is not None:
             raise click.UsageError(f"{flag} applies to --constraint-mode linear only")
     jcfg = FastJointConfig(steps=_pick(steps, lc.steps), h=lc.h, lr=lc.lr, constraint=constraint,
@@ -286,8 +291,13 @@ def large(ckpt, cond, cdm_ckpt, vq_path, grid, n, window_batch, shard, num_shard
     cdm_steps = cfg.sample.patches.cdm_steps
     linear_vq = None
     if constraint and jcfg.constraint_mode == "linear":
-        linear_vq = dn.linear_vq_for(m, store)
-        log.info("linear VQ fitted (relative errors %s)", {k: round(v, 3) for k, v in linear_vq.fit_error.items()})
+        if linear_vq_path is not None:
+            linear_vq = dn.load_linear_vq_for(m, linear_vq_path)
+            log.info("linear VQ loaded from %s", linear_vq_path)
+        else:
+            linear_vq = dn.linear_vq_for(m, store)
+            log.info("linear VQ fitted (relative errors %s)",
+                     {k: round(v, 3) for k, v in linear_vq.fit_error.items()})
     for i in todo:
         with torch.no_grad(), dn.autocast(dev, _pick(precision, sc.precision), "joint"):
             guide_ctx, patch_ctx, source = large_conditions(m, i, grid, guide, seed, lookup, cdm, cdm_steps)
@@ -295,11 +305,37 @@ def large(ckpt, cond, cdm_ckpt, vq_path, grid, n, window_batch, shard, num_shard
                                 _pick(window_batch, lc.window_batch), progress,
                                 decode_stride=decode_stride, linear_vq=linear_vq)
         item.record.update(cond=cond, source=source, model=str(ckpt), device=str(dev))
+        if linear_vq is not None:
+            item.record["linear_vq"] = str(linear_vq_path) if linear_vq_path else "fitted in this run"
         write_png(Path(out) / f"{i}_guide.png", item.guide)
         write_png(Path(out) / f"{i}.png", item.image)
         write_json(Path(out) / f"{i}.json", item.record)
         log.info("%s/%d.png: consistency MAE %.2f, %.1f s", out, i, item.record["consistency_mae"],
                  item.record["seconds"])
+
+
+@sample.command("fit-linear")
+@click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="ZoomLDM model.safetensors.")
+@click.option("--vq", "vq_path", type=click.Path(dir_okay=False), default=None,
+              help="VQ checkpoint, for a --ckpt without a bundled VQ.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="The fit's safetensors file (e.g. <samples>/large/zoomldm_linear/linear_vq.safetensors).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Config YAML: the region store and sample.device.")
+@click.option("--store", "store_path", type=click.Path(file_okay=False), default=None,
+              help="Region store folder (default: the one of --config; none: random codebook latents).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 or auto [sample.device].")
+def fit_linear(ckpt, vq_path, out, config_path, store_path, device) -> None:
+    """The linear VQ of the cut (`--constraint-mode linear`), fitted once and written to OUT, for
+    `sample large --linear-vq OUT` (the workflow's large-image jobs then skip the per-job fit)."""
+    from zoomldm.sampling import denoisers as dn
+    cfg = _config(config_path)
+    store = _store(cfg, config_path, store_path, required=False)
+    dev = resolve_device(_pick(device, cfg.sample.device))
+    m = dn.load_zoomldm(ckpt, dev, vq_path=vq_path)
+    lin = dn.save_linear_vq_for(m, out, store)
+    log.info("linear VQ fitted and written to %s (relative errors %s)", out,
+             {k: round(v, 3) for k, v in lin.fit_error.items()})
 
 
 @sample.command("graikos-large")

@@ -15,6 +15,8 @@ UNet's cross-attention (no Summarizer).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -28,6 +30,7 @@ from zoomldm.data.regions import TOKEN_EPS
 from zoomldm.data.pairs import pick_rows  # re-exported: dn.pick_rows
 from zoomldm.diffusion import (Schedule, cfg_eps_fn, ddim_sample, eps_fn_from_x0_fn, item_seed, plms_sample,
                                randn_items)
+from zoomldm.diffusion.surrogate import LinearVQ
 from zoomldm.models.cdm import ConditionDiT
 from zoomldm.models.checkpoint import Checkpoint, load_component, read_checkpoint
 from zoomldm.models.summarizer import Summarizer
@@ -248,6 +251,12 @@ def compile_networks(m: LatentModel, backend: str = "inductor", compile_cache: s
     m.vq_codes_fn = torch.compile(vq.quantize.codes_direct, backend=backend)
 
 
+def _store_latents(store):
+    """The base-magnification table of the store when it holds latents, else None."""
+    table = store.table(store.magnifications[0].name) if store is not None else None
+    return table if table is not None and table.has("latents") else None
+
+
 @torch.no_grad()
 def linear_vq_for(m: ZoomLDM, store=None, n: int = 64, seed: int = 0):
     """The fitted linear VQ of the `linear` joint constraint (zoomldm.diffusion.surrogate) for model m: fitted
@@ -256,8 +265,8 @@ def linear_vq_for(m: ZoomLDM, store=None, n: int = 64, seed: int = 0):
     on the latents snapped by `m.quantize`, which it keeps for `decode_quantized` (cut.decode_every)."""
     from zoomldm.diffusion.surrogate import fit_linear_vq
     h, gen = m.latent_side, torch.Generator().manual_seed(seed)
-    table = store.table(store.magnifications[0].name) if store is not None else None
-    if table is not None and table.has("latents"):
+    table = _store_latents(store)
+    if table is not None:
         rows = torch.randperm(len(table), generator=gen)[:n].tolist()
         latents = torch.from_numpy(np.stack([np.asarray(table.get("latents", r)) for r in rows])).float()
         if latents.shape[-1] != h:
@@ -267,7 +276,7 @@ def linear_vq_for(m: ZoomLDM, store=None, n: int = 64, seed: int = 0):
         log.warning("linear constraint: no store latents, fitting the linear VQ on random codebook latents")
         codebook = m.vq.quantize.embedding.weight.detach().float().cpu()          # (n_embed, c)
         codes = torch.randint(0, codebook.shape[0], (n, h, h), generator=gen)
-        latents = codebook[codes].permute(0, 3, 1, 2).contiguous()               # (n, c, h, h)
+        latents = codebook[codes].permute(0, 3, 1, 2).contiguous()               # (n, c, h, w)
     # the encoder's finite differences need float32; the compiled decoder is left out (it was traced under the
     # samplers' bf16 autocast: a float32 call recompiles it, 25 s on an H100, for a one-off 64-latent decode)
     vq_dtype, vq_decode_fn, m.vq_dtype, m.vq_decode_fn = m.vq_dtype, m.vq_decode_fn, None, None
@@ -275,6 +284,79 @@ def linear_vq_for(m: ZoomLDM, store=None, n: int = 64, seed: int = 0):
         return fit_linear_vq(latents.to(m.device), m.decode, m.encode, dec_taps=5, quantize=m.quantize)
     finally:
         m.vq_dtype, m.vq_decode_fn = vq_dtype, vq_decode_fn
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A fit kept in a file: the workflow fits once per run (`zoomldm sample fit-linear`) and every large-image job
+# loads it (`sample large --linear-vq`) instead of refitting, which costs each job more than sampling a 1024²
+# image on an H100 (bench/RESULTS.md).
+
+_META_KEY = "zoomldm-bench-linear-vq"
+
+
+def save_linear_vq(lin: LinearVQ, path: str | Path, meta: dict) -> Path:
+    """Write the fitted maps, ``f``, ``fit_error`` and the caller's ``meta`` (JSON-able: e.g. which VQ it was
+    fitted for) to a safetensors file, atomically (a temporary file renamed into place)."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: getattr(lin, name).detach().float().cpu().contiguous()
+               for name in ("dec_weight", "dec_bias", "enc_weight", "enc_bias")}
+    doc = {"f": lin.f, "fit_error": lin.fit_error, "meta": meta}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(doc, sort_keys=True)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_linear_vq(path: str | Path, device: torch.device | str = "cpu",
+                   quantize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[LinearVQ, dict]:
+    """(LinearVQ on ``device`` with ``quantize`` attached, the ``meta`` it was saved with); a file that is not a
+    saved fit is a one-line ValueError."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"linear VQ file {path} does not exist (write it with `zoomldm sample fit-linear`)")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            doc = json.loads((fh.metadata() or {})[_META_KEY])
+            t = {name: fh.get_tensor(name) for name in ("dec_weight", "dec_bias", "enc_weight", "enc_bias")}
+    except Exception as e:  # noqa: BLE001  (a foreign or truncated file: say so in one line)
+        raise ValueError(f"{path} is not a linear VQ fit written by `zoomldm sample fit-linear` "
+                         f"({type(e).__name__}: {e})") from None
+    lin = LinearVQ(t["dec_weight"], t["dec_bias"], t["enc_weight"], t["enc_bias"], int(doc["f"]),
+                   dict(doc["fit_error"]), quantize)
+    return lin.to(device), dict(doc["meta"])
+
+
+def vq_fingerprint(vq: VQModel) -> str:
+    """A short hash of every weight of the VQ (float32 bytes, in name order): which VQ a saved fit belongs to."""
+    digest = hashlib.sha256()
+    for name, t in sorted(vq.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(t.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_linear_vq_for(m: ZoomLDM, path: str | Path, store=None, n: int = 64, seed: int = 0):
+    """`linear_vq_for`, written to `path` with what it was fitted for (the VQ's fingerprint, the latents' source)
+    so that every large-image job can load it (`load_linear_vq_for`) instead of refitting. Returns the fit."""
+    lin = linear_vq_for(m, store, n, seed)
+    source = f"store {store.root}" if _store_latents(store) is not None else "random codebook latents"
+    save_linear_vq(lin, path, {"vq": vq_fingerprint(m.vq), "latents": source, "n": n, "seed": seed,
+                               "dec_taps": int(lin.dec_weight.shape[-1])})
+    return lin
+
+
+def load_linear_vq_for(m: ZoomLDM, path: str | Path):
+    """The fit `save_linear_vq_for` wrote, on m's device with m's quantiser; one-line ValueError when it was
+    fitted for another VQ."""
+    lin, meta = load_linear_vq(path, m.device, quantize=m.quantize)
+    want = vq_fingerprint(m.vq)
+    if meta.get("vq") != want:
+        raise ValueError(f"{path} was fitted for another VQ (fingerprint {meta.get('vq')}, this model's {want}): "
+                         f"refit it with `zoomldm sample fit-linear`")
+    return lin
 
 
 # UNet autocast dtype per task on CUDA for precision "auto". Patch sets: bf16. Joint sampling: fp16, the
