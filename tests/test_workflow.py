@@ -110,6 +110,9 @@ def test_released_weights_replace_training_in_the_plan(tmp_path):
     assert jobs["convert_release"] == 1 and jobs["convert_cdm_release"] == 1
     assert not {"train_ldm", "train_cdm", "train_autoencoder"} & set(jobs)
     assert jobs["train_graikos"] == 1 and jobs["sample_large"] > 0           # baselines still train
+    fit = "resources/samples/brca/large/zoomldm_linear/linear_vq.safetensors"
+    assert jobs["fit_linear_vq"] == 1 and f"--out {fit}" in out               # the cut's fit: once per run ...
+    assert out.count(f"--linear-vq {fit}") == 120                             # ... loaded by its 100 + 20 jobs
     release = "resources/runs/brca/release/zoomldm.safetensors"
     assert jobs["train_controlnet"] == 1 and f"--zoomldm {release}" in out   # ... on the released ZoomLDM
     assert "train ldm --config" not in out and f"--ckpt {release}" in out     # sampling reads the release
