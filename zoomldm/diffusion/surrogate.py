@@ -173,4 +173,3 @@ def fit_linear_vq(latents: Tensor, decode: Callable[[Tensor], Tensor], encode: C
     lin.fit_error.update(decode=_rel(approx, images), encode=_rel(lin.encode(images), codes),
                          decode_down4=_rel(downscale(approx, 4), downscale(images, 4)))
     return lin
-

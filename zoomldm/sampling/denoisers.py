@@ -85,7 +85,7 @@ class LatentModel:
 
     unet_fn = None                      # set by `fast_path`: the compiled UNet
     vq_decode_fn = None                 # set by `fast_path`: the compiled VQ decoder (latents already quantised)
-    vq_codes_fn = None                  # set by `fast_path`: the compiled codebook search (VectorQuantizer.codes_direct)
+    vq_codes_fn = None                  # set by `fast_path`: the compiled search (VectorQuantizer.codes_direct)
     vq_dtype: torch.dtype | None = None  # set by `fast_path`: VQ autocast dtype (None: float32)
 
     def model_fn(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -211,8 +211,8 @@ def fast_path(m: LatentModel, compile: bool | str = False, vq_precision: str = "
     """The CUDA fast path of issue #8 on a loaded model, in place: channels-last UNet and VQ, VQ passes in bf16
     (`vq_precision`) and torch.compile (`compile_networks`): `compile=True` of the UNet, the VQ decoder and the
     codebook search, `compile="vq"` of the VQ decoder and the codebook search only (a compile of seconds instead
-    of minutes; the H100 setting of issue 8's large-image rows, bench/RESULTS.md). No-op on CPU (nothing there is faster for it). Results
-    change only by the rounding of the chosen precisions."""
+    of minutes; the H100 setting of issue 8's large-image rows, bench/RESULTS.md). No-op on CPU (nothing there is
+    faster for it). Results change only by the rounding of the chosen precisions."""
     if vq_precision not in ("fp32", "bf16"):
         raise ValueError(f"vq_precision must be fp32 or bf16, got {vq_precision!r}")
     if not (isinstance(compile, bool) or compile == "vq"):
@@ -296,16 +296,16 @@ _META_KEY = "zoomldm-bench-linear-vq"
 
 def save_linear_vq(lin: LinearVQ, path: str | Path, meta: dict) -> Path:
     """Write the fitted maps, ``f``, ``fit_error`` and the caller's ``meta`` (JSON-able: e.g. which VQ it was
-    fitted for) to a safetensors file, atomically (a temporary file renamed into place)."""
+    fitted for) to a safetensors file, atomically (`training.loop.atomic_write`)."""
     from safetensors.torch import save_file
+
+    from zoomldm.training.loop import atomic_write
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: getattr(lin, name).detach().float().cpu().contiguous()
                for name in ("dec_weight", "dec_bias", "enc_weight", "enc_bias")}
-    doc = {"f": lin.f, "fit_error": lin.fit_error, "meta": meta}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(doc, sort_keys=True)})
-    os.replace(tmp, path)
+    doc = json.dumps({"f": lin.f, "fit_error": lin.fit_error, "meta": meta}, sort_keys=True)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={_META_KEY: doc}))
     return path
 
 
