@@ -337,6 +337,7 @@ def test_a_saved_linear_fit_gives_the_image_of_fitting_in_the_job(env, tmp_path)
             "--constraint-mode", "linear"]
     fit = tmp_path / "fit" / "linear_vq.safetensors"
     ok(run("fit-linear", "--config", env["config"], "--ckpt", env["ckpt"], "--out", fit))
+    assert [f.name for f in fit.parent.iterdir()] == [fit.name]         # written atomically: no temporary left
     ok(run(*base, "--out", tmp_path / "own"))
     ok(run(*base, "--out", tmp_path / "loaded", "--linear-vq", fit))
     own, loaded = (np.asarray(Image.open(tmp_path / d / "0.png")) for d in ("own", "loaded"))
@@ -345,7 +346,8 @@ def test_a_saved_linear_fit_gives_the_image_of_fitting_in_the_job(env, tmp_path)
     assert rec["linear_vq"] == str(fit)
     assert json.loads((tmp_path / "own" / "0.json").read_text())["linear_vq"] == "fitted in this run"
     lin, meta = load_linear_vq(fit)
-    assert meta["latents"] == "random codebook latents" and meta["n"] == 64 and len(meta["vq"]) == 16   # toy store: no latents
+    assert meta["latents"] == "random codebook latents"             # the toy store holds no latents
+    assert meta["n"] == 64 and len(meta["vq"]) == 16
     lin.enc_weight = lin.enc_weight.flip(-1)             # a different fit of the same VQ: a different image
     scaled = tmp_path / "scaled.safetensors"
     save_linear_vq(lin, scaled, meta)
@@ -359,6 +361,9 @@ def test_a_saved_linear_fit_gives_the_image_of_fitting_in_the_job(env, tmp_path)
                     "does not exist")
     _one_line_error(run(*base, "--out", tmp_path / "x", "--linear-vq", env["ckpt"]),
                     "is not a linear VQ fit")
+    (tmp_path / "file").write_text("")
+    _one_line_error(run("fit-linear", "--ckpt", env["ckpt"], "--out", tmp_path / "file" / "fit.safetensors"),
+                    "--out", "cannot create")
 
 
 def test_sr_writes_consistency_and_psnr(env, tmp_path):

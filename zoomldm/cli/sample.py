@@ -331,6 +331,10 @@ def fit_linear(ckpt, vq_path, out, config_path, store_path, device) -> None:
     from zoomldm.sampling import denoisers as dn
     cfg = _config(config_path)
     store = _store(cfg, config_path, store_path, required=False)
+    try:                                     # now, not after the fit
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create {Path(out).parent} ({e.strerror})") from None
     dev = resolve_device(_pick(device, cfg.sample.device))
     m = dn.load_zoomldm(ckpt, dev, vq_path=vq_path)
     lin = dn.save_linear_vq_for(m, out, store)
