@@ -27,6 +27,8 @@ def test_shipped_configs_load(name):
     ({"sample": {"large": {"cut": {"decode_every": 0}}}}, "sample.large.cut.decode_every"),
     ({"sample": {"compile": "unet"}}, "sample.compile"),
     ({"sample": {"compile": 1}}, "sample.compile"),
+    ({"sample": {"patches": {"cache_every": 0}}}, "sample.patches.cache_every"),
+    ({"sample": {"patches": {"cache_branch": -1}}}, "sample.patches.cache_branch"),
 ])
 def test_bad_config_names_the_key_in_one_line(data, key):
     with pytest.raises(ConfigError) as e:

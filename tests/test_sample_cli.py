@@ -113,6 +113,23 @@ def test_patch_shards_manifest_and_batch_size_independence(env, tmp_path):
     pd.testing.assert_frame_equal(manifest, outs[3][1])
 
 
+def test_patch_feature_cache_is_recorded_changes_the_images_and_checks_its_branch(env, tmp_path):
+    """`--cache-every` (DeepCache, issue #8's patch cut) changes the images (the shallow branch really runs), the
+    manifest records it, and a branch the UNet does not have is one line."""
+    from zoomldm.sampling.io import read_patch_set
+    base = ["patches", "--config", env["config"], "--ckpt", env["ckpt"], "--mag", "5x", "--n", 2, "--steps", 5,
+            "--no-progress"]
+    ok(run(*base, "--out", tmp_path / "ref"))
+    ok(run(*base, "--out", tmp_path / "cached", "--cache-every", 3, "--cache-branch", 1))
+    ref, ref_manifest = read_patch_set(tmp_path / "ref")
+    cached, manifest = read_patch_set(tmp_path / "cached")
+    assert (ref_manifest["cache_every"] == 1).all() and (manifest["cache_every"] == 3).all()
+    assert (manifest["cache_branch"] == 1).all()
+    assert not np.array_equal(ref, cached)
+    _one_line_error(run(*base, "--out", tmp_path / "bad", "--cache-branch", 9), "--cache-branch 9", "branches 0..1")
+    assert not (tmp_path / "bad" / "images-00000.npy").exists()
+
+
 def test_patch_shards_resume_and_cdm_conditioning(env, tmp_path):
     out = tmp_path / "cdm"
     args = ["patches", "--config", env["config"], "--ckpt", env["ckpt"], "--mag", "20x", "--out", out, "--n", 3,

@@ -150,6 +150,43 @@ def test_intermediates_names_shapes_and_values(small):
         torch.testing.assert_close(value, seen[name], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("branch", [0, 1, 2])
+def test_feature_cache_pair_reproduces_forward_and_skips_the_deep_blocks(small, branch):
+    """DeepCache's pair: `forward_caching` returns `forward`'s ε and the input of output block 11 − branch (the
+    output of block 10 − branch, seen through `return_intermediates`); `forward_cached` on that feature gives the
+    same ε, and it never runs the deep blocks (changing them changes nothing)."""
+    x, t, context = small_inputs(3)
+    with torch.no_grad():
+        eps, feats = small(x, t, context, return_intermediates=True)
+        eps_full, deep = small.forward_caching(x, t, context, branch)
+        eps_cached = small.forward_cached(x, t, context, deep, branch)
+    torch.testing.assert_close(eps_full, eps, rtol=0, atol=0)
+    torch.testing.assert_close(deep, feats[f"output_blocks.{10 - branch}"], rtol=0, atol=0)
+    torch.testing.assert_close(eps_cached, eps, rtol=0, atol=0)
+    deep_model = UNet(UNET_PRESETS["small"]).eval()
+    deep_model.load_state_dict(small.state_dict())
+    with torch.no_grad():
+        for block in [*deep_model.input_blocks[branch + 1:], deep_model.middle_block,
+                      *deep_model.output_blocks[:11 - branch]]:
+            for p in block.parameters():
+                p.add_(1.0)
+        torch.testing.assert_close(deep_model.forward_cached(x, t, context, deep, branch), eps, rtol=0, atol=0)
+        assert not torch.allclose(deep_model(x, t, context), eps)          # the perturbation is real
+        # a feature cached at another timestep gives another ε: the shallow branch does use it
+        _, deep_other = small.forward_caching(x, (t + 300) % 1000, context, branch)
+        assert not torch.allclose(small.forward_cached(x, t, context, deep_other, branch), eps)
+
+
+def test_feature_cache_rejects_bad_branches_and_features(small):
+    x, t, context = small_inputs(2)
+    with pytest.raises(ValueError, match=r"cache branch 3 outside 0..2"):
+        small.forward_caching(x, t, context, 3)
+    with torch.no_grad():
+        _, deep = small.forward_caching(x, t, context, 0)
+        with pytest.raises(ValueError, match="cached feature of shape"):
+            small.forward_cached(x[:1], t[:1], context[:1], deep, 0)
+
+
 def test_small_preset_forward_backward(small):
     x, t, context = small_inputs(8)
     with torch.no_grad():

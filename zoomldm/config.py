@@ -191,6 +191,11 @@ class PatchSampleConfig:
     single_scale: bool = True                # also sample the single-scale models (store conditioning)
     graikos: bool = True                     # also sample the Graikos patch LDM (base magnification only)
     shard_size: int = 1000                   # images per shard file (= per Snakemake job)
+    # DeepCache feature reuse (issue #8's patch cut, `zoomldm/diffusion/cache.py`): the whole UNet in every
+    # cache_every-th evaluation, in between only its shallow branch cache_branch (0 .. num_res_blocks) on the
+    # deep features of the last whole one. 1: off, the official protocol
+    cache_every: int = 1
+    cache_branch: int = 0
 
 
 @dataclass
@@ -402,7 +407,8 @@ class Config:
         p, lg = s.patches, s.large
         for key, v in [("patches.n_per_mag", p.n_per_mag), ("patches.batch_size", p.batch_size),
                        ("patches.plms_steps", p.plms_steps), ("patches.cdm_steps", p.cdm_steps),
-                       ("patches.shard_size", p.shard_size), ("large.n", lg.n), ("large.steps", lg.steps),
+                       ("patches.shard_size", p.shard_size), ("patches.cache_every", p.cache_every),
+                       ("large.n", lg.n), ("large.steps", lg.steps),
                        ("large.patch_batch", lg.patch_batch), ("large.graikos_steps", lg.graikos_steps),
                        ("large.window_batch", lg.window_batch),
                        ("sr.n", s.sr.n), ("sr.inversion_steps", s.sr.inversion_steps),
@@ -418,6 +424,7 @@ class Config:
         _check(cut.constraint_steps is None or cut.constraint_steps >= 0, "sample.large.cut.constraint_steps",
                "must be ≥ 0")
         _check(p.cfg_scale >= 0, "sample.patches.cfg_scale", "must be ≥ 0")
+        _check(p.cache_branch >= 0, "sample.patches.cache_branch", "must be ≥ 0 (and ≤ the UNet's num_res_blocks)")
         _check(0 <= lg.graikos_eta <= 1, "sample.large.graikos_eta", "must lie in [0, 1]")
         # A grid g needs the magnification whose region spans g x g base tiles (4 -> 5x, 16 -> 1.25x).
         levels = sorted(m.tiles_per_side for m in mags.ladder(d.ladder) if m.tiles_per_side > 1)

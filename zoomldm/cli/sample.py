@@ -89,11 +89,16 @@ def sample() -> None:
 @click.option("--cfg-scale", type=float, default=None, help="CFG s, standard form [sample.patches.cfg_scale].")
 @click.option("--cdm-steps", type=click.IntRange(min=1), default=None, help="[sample.patches.cdm_steps]")
 @click.option("--shard-size", type=click.IntRange(min=1), default=None, help="[sample.patches.shard_size]")
+@click.option("--cache-every", type=click.IntRange(min=1), default=None,
+              help="DeepCache: the whole UNet every N-th evaluation, its shallow branch in between (1: off) "
+                   "[sample.patches.cache_every].")
+@click.option("--cache-branch", type=click.IntRange(min=0), default=None,
+              help="DeepCache shallow branch, 0 .. the UNet's num_res_blocks [sample.patches.cache_branch].")
 @click.option("--shard", type=click.IntRange(min=0), default=None,
               help="Write only this shard (one Snakemake job); without it: every missing shard, then manifest.")
 @_common
-def patches(ckpt, cond, cdm_ckpt, vq_path, mag, n, batch_size, steps, cfg_scale, cdm_steps, shard_size, shard,
-            out, config_path, store_path, seed, device, precision, progress) -> None:
+def patches(ckpt, cond, cdm_ckpt, vq_path, mag, n, batch_size, steps, cfg_scale, cdm_steps, shard_size, cache_every,
+            cache_branch, shard, out, config_path, store_path, seed, device, precision, progress) -> None:
     """A patch set of one magnification: images-KKKKK.npy shards (uint8) + manifest.parquet."""
     from zoomldm.sampling.io import PatchShards
     cfg = _config(config_path)
@@ -108,14 +113,16 @@ def patches(ckpt, cond, cdm_ckpt, vq_path, mag, n, batch_size, steps, cfg_scale,
         _sample_patch_shards(shards, todo, ckpt, cond, cdm_ckpt, vq_path, mag, cfg, config_path, store_path,
                              seed=_pick(seed, sc.seed), batch=_pick(batch_size, pc.batch_size),
                              steps=_pick(steps, pc.plms_steps), scale=_pick(cfg_scale, pc.cfg_scale),
-                             cdm_steps=_pick(cdm_steps, pc.cdm_steps), device=_pick(device, sc.device),
+                             cdm_steps=_pick(cdm_steps, pc.cdm_steps), cache_every=_pick(cache_every, pc.cache_every),
+                             cache_branch=_pick(cache_branch, pc.cache_branch), device=_pick(device, sc.device),
                              precision=_pick(precision, sc.precision), progress=progress)
     if shard is None:
         click.echo(f"{shards.merge_manifest()}: {shards.n} images")
 
 
 def _sample_patch_shards(shards, todo, ckpt, cond, cdm_ckpt, vq_path, mag, cfg, config_path, store_path, *,
-                         seed, batch, steps, scale, cdm_steps, device, precision, progress) -> None:
+                         seed, batch, steps, scale, cdm_steps, cache_every, cache_branch, device, precision,
+                         progress) -> None:
     import torch
     from tqdm.auto import tqdm
 
@@ -138,6 +145,9 @@ def _sample_patch_shards(shards, todo, ckpt, cond, cdm_ckpt, vq_path, mag, cfg, 
                          f"({mags.ladder(ladder)[0].name}) from real embeddings (--cond store) only")
     if not graikos and mg.index >= m.summarizer.config.mag_levels:
         raise ValueError(f"--mag {mg.name}: the model knows {m.summarizer.config.mag_levels} magnifications")
+    if not 0 <= cache_branch <= m.unet.max_cache_branch:
+        raise ValueError(f"--cache-branch {cache_branch}: {ckpt}'s UNet has branches 0..{m.unet.max_cache_branch} "
+                         "(its num_res_blocks)")
     table = cdm = None
     if cond == "store":
         table = store.table(mg.name)
@@ -165,7 +175,8 @@ def _sample_patch_shards(shards, todo, ckpt, cond, cdm_ckpt, vq_path, mag, cfg, 
                     rows = [-1] * len(idx)
                     ctx = dn.sample_cdm_contexts(cdm, len(idx), mg.index, dn.stream_seed(seed, "patches-cdm",
                                                  mg.name), cdm_steps, indices=idx, batch_size=len(idx))
-                latents = dn.sample_patch_latents(m, ctx, idx, x_seed, steps, scale)
+                latents = dn.sample_patch_latents(m, ctx, idx, x_seed, steps, scale, cache_every=cache_every,
+                                                  cache_branch=cache_branch)
                 images = to_uint8(m.decode(latents))
             meta = []
             for i, r in zip(idx, rows):
@@ -174,7 +185,8 @@ def _sample_patch_shards(shards, todo, ckpt, cond, cdm_ckpt, vq_path, mag, cfg, 
                              "slide": "" if rec is None else str(rec["slide"]),
                              "x": -1 if rec is None else int(rec["x"]), "y": -1 if rec is None else int(rec["y"]),
                              "store_row": int(r), "model": str(ckpt), "model_kind": m.kind,
-                             "steps": steps, "cfg_scale": scale})
+                             "steps": steps, "cfg_scale": scale, "cache_every": cache_every,
+                             "cache_branch": cache_branch})
             shards.write_batch(s, idx, images, meta)
             bar.update(len(idx))
         shards.finish_shard(s)

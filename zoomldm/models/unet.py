@@ -314,6 +314,22 @@ class UNet(nn.Module):
             return checkpoint(block, h, emb, context, use_reentrant=False)
         return block(h, emb, context)
 
+    def _check_inputs(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
+        """Shape checks with one-line errors; returns the timesteps broadcast to the batch."""
+        c = self.config
+        if x.ndim != 4 or x.shape[-1] % c.downsampling or x.shape[-2] % c.downsampling:
+            raise ValueError(
+                f"UNet: input of shape {tuple(x.shape)} needs (B, C, H, W), H and W divisible by "
+                f"{c.downsampling}"
+            )
+        if context.ndim != 3 or context.shape[-1] != c.context_dim:
+            raise ValueError(f"UNet: context of shape {tuple(context.shape)} needs (B, M, {c.context_dim})")
+        return timesteps.expand(x.shape[0]) if timesteps.ndim == 0 else timesteps
+
+    def _embed(self, timesteps: Tensor) -> Tensor:
+        t_emb = timestep_embedding(timesteps, self.config.model_channels).to(self.time_embed[0].weight.dtype)
+        return self.time_embed(t_emb)  # (B, 4*model_channels)
+
     def forward(
         self, x: Tensor, timesteps: Tensor, context: Tensor, return_intermediates: bool = False
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
@@ -324,18 +340,8 @@ class UNet(nn.Module):
         middle-block output and every output-block output (the official ZoomLDM hook, reference §1.1;
         used for MIL features).
         """
-        c = self.config
-        if x.ndim != 4 or x.shape[-1] % c.downsampling or x.shape[-2] % c.downsampling:
-            raise ValueError(
-                f"UNet: input of shape {tuple(x.shape)} needs (B, C, H, W), H and W divisible by "
-                f"{c.downsampling}"
-            )
-        if context.ndim != 3 or context.shape[-1] != c.context_dim:
-            raise ValueError(f"UNet: context of shape {tuple(context.shape)} needs (B, M, {c.context_dim})")
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        t_emb = timestep_embedding(timesteps, c.model_channels).to(self.time_embed[0].weight.dtype)
-        emb = self.time_embed(t_emb)  # (B, 4*model_channels)
+        timesteps = self._check_inputs(x, timesteps, context)
+        emb = self._embed(timesteps)
 
         skips = []
         h = x
@@ -350,6 +356,62 @@ class UNet(nn.Module):
                 feats[f"output_blocks.{i}"] = h
         eps = self.out(h).to(x.dtype)
         return (eps, feats) if return_intermediates else eps
+
+    # Feature caching (DeepCache, Ma et al., CVPR 2024, arXiv 2312.00858): the deep features entering the last
+    # `branch + 1` output blocks change slowly between adjacent sampler steps, so a sampler may compute them once
+    # (`forward_caching`) and on the next steps run only the shallow branch, input blocks 0..branch and the last
+    # branch + 1 output blocks, on the cached feature (`forward_cached`). The paper UNet's branch 0 is 4.2% of a
+    # full forward's FLOPs (bench/RESULTS.md).
+
+    @property
+    def max_cache_branch(self) -> int:
+        """The deepest shallow branch that stays at the top level (full resolution): `num_res_blocks`."""
+        return self.config.num_res_blocks
+
+    def check_cache_branch(self, branch: int) -> None:
+        if not 0 <= branch <= self.max_cache_branch:
+            raise ValueError(
+                f"UNet: cache branch {branch} outside 0..{self.max_cache_branch} (num_res_blocks) of this model"
+            )
+
+    def forward_caching(self, x: Tensor, timesteps: Tensor, context: Tensor, branch: int = 0) -> tuple[Tensor, Tensor]:
+        """`forward(x, timesteps, context)` and the feature `forward_cached` reuses: the input of output block
+        `len(output_blocks) - 1 - branch` before its skip concatenation, (B, C, H, W) at full resolution."""
+        self.check_cache_branch(branch)
+        timesteps = self._check_inputs(x, timesteps, context)
+        emb = self._embed(timesteps)
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = self._block(block, h, emb, context)
+            skips.append(h)
+        h = self._block(self.middle_block, h, emb, context)
+        first_shallow = len(self.output_blocks) - 1 - branch
+        deep = h
+        for i, block in enumerate(self.output_blocks):
+            if i == first_shallow:
+                deep = h
+            h = self._block(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h).to(x.dtype), deep
+
+    def forward_cached(self, x: Tensor, timesteps: Tensor, context: Tensor, deep: Tensor, branch: int = 0) -> Tensor:
+        """ε from the shallow branch only: input blocks 0..branch on `x`, then the last `branch + 1` output blocks
+        starting from `deep` (from `forward_caching` with the same branch, at an earlier timestep). Equals
+        `forward` exactly when `deep` was computed on the same inputs."""
+        self.check_cache_branch(branch)
+        timesteps = self._check_inputs(x, timesteps, context)
+        if deep.ndim != 4 or deep.shape[0] != x.shape[0] or deep.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"UNet: cached feature of shape {tuple(deep.shape)} does not fit input {tuple(x.shape)}")
+        emb = self._embed(timesteps)
+        skips = []
+        h = x
+        for block in self.input_blocks[: branch + 1]:
+            h = self._block(block, h, emb, context)
+            skips.append(h)
+        h = deep
+        for block in self.output_blocks[len(self.output_blocks) - 1 - branch:]:
+            h = self._block(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h).to(x.dtype)
 
 
 def unet_from_official(

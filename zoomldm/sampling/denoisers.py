@@ -28,8 +28,8 @@ import torch
 
 from zoomldm.data.regions import TOKEN_EPS
 from zoomldm.data.pairs import pick_rows  # re-exported: dn.pick_rows
-from zoomldm.diffusion import (Schedule, cfg_eps_fn, ddim_sample, eps_fn_from_x0_fn, item_seed, plms_sample,
-                               randn_items)
+from zoomldm.diffusion import (Schedule, cfg_eps_fn, ddim_sample, eps_fn_from_x0_fn, feature_cache_model_fn,
+                               item_seed, plms_sample, randn_items)
 from zoomldm.diffusion.surrogate import LinearVQ
 from zoomldm.models.cdm import ConditionDiT
 from zoomldm.models.checkpoint import Checkpoint, load_component, read_checkpoint
@@ -55,13 +55,16 @@ def stream_seed(seed: int, *tags: int | str) -> int:
 
 @dataclass
 class Counter:
-    """Sample-forwards through the UNet (a CFG pair counts 2) and images through the VQ decoder/encoder."""
+    """Sample-forwards through the UNet (a CFG pair counts 2; `unet_cached`: those that ran only the shallow
+    branch on cached features, `LatentModel.cached_model_fn`) and images through the VQ decoder/encoder."""
     unet: int = 0
     vq_decode: int = 0
     vq_encode: int = 0
+    unet_cached: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {"unet_forwards": self.unet, "vq_decodes": self.vq_decode, "vq_encodes": self.vq_encode}
+        return {"unet_forwards": self.unet, "vq_decodes": self.vq_decode, "vq_encodes": self.vq_encode,
+                "unet_cached_forwards": self.unet_cached}
 
 
 class LatentModel:
@@ -84,6 +87,8 @@ class LatentModel:
         return next(self.unet.parameters()).device
 
     unet_fn = None                      # set by `fast_path`: the compiled UNet
+    unet_caching_fn = None              # set by `fast_path`: the compiled UNet.forward_caching
+    unet_cached_fn = None               # set by `fast_path`: the compiled UNet.forward_cached
     vq_decode_fn = None                 # set by `fast_path`: the compiled VQ decoder (latents already quantised)
     vq_codes_fn = None                  # set by `fast_path`: the compiled search (VectorQuantizer.codes_direct)
     vq_dtype: torch.dtype | None = None  # set by `fast_path`: VQ autocast dtype (None: float32)
@@ -96,6 +101,29 @@ class LatentModel:
         # batch after a channels-last one (or the other way round) would recompile it (minutes for the paper UNet;
         # torch 2.11's dynamic-shape recompile of it hung for over 100 s in the H100 bench of 2026-11-27)
         return self.unet_fn(x.contiguous(memory_format=torch.channels_last), t, context)
+
+    def cached_model_fn(self, every: int = 1, branch: int = 0):
+        """`model_fn` with DeepCache feature reuse (`zoomldm.diffusion.cache`): every `every`-th call runs the whole
+        UNet, the calls in between only its shallow branch `branch` (`UNet.forward_cached`). `every = 1` is
+        `model_fn` itself. Stateful: one per sampling run. Counts full calls in `counter.unet` and shallow ones in
+        `counter.unet_cached`."""
+        if every == 1:
+            return self.model_fn
+        self.unet.check_cache_branch(branch)
+        unet = self.unet
+
+        def full(x, t, context):
+            self.counter.unet += x.shape[0]
+            if self.unet_caching_fn is None:
+                return unet.forward_caching(x, t, context, branch)
+            return self.unet_caching_fn(x.contiguous(memory_format=torch.channels_last), t, context, branch)
+
+        def shallow(x, t, context, deep):
+            self.counter.unet_cached += x.shape[0]
+            if self.unet_cached_fn is None:
+                return unet.forward_cached(x, t, context, deep, branch)
+            return self.unet_cached_fn(x.contiguous(memory_format=torch.channels_last), t, context, deep, branch)
+        return feature_cache_model_fn(full, shallow, every)
 
     def _vq_autocast(self, device: torch.device):
         return torch.autocast(device.type, dtype=self.vq_dtype or torch.float32, enabled=self.vq_dtype is not None)
@@ -245,8 +273,10 @@ def compile_networks(m: LatentModel, backend: str = "inductor", compile_cache: s
             raise ValueError(f"sample.compile_cache {compile_cache}: cannot create {path} ({e.strerror})") from e
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     vq = m.vq
-    if unet:
+    if unet:       # lazy: only the forwards a sampler calls get compiled (the caching pair for DeepCache only)
         m.unet_fn = torch.compile(m.unet, dynamic=True, backend=backend)
+        m.unet_caching_fn = torch.compile(m.unet.forward_caching, dynamic=True, backend=backend)
+        m.unet_cached_fn = torch.compile(m.unet.forward_cached, dynamic=True, backend=backend)
     m.vq_decode_fn = torch.compile(lambda z: vq.decode(z, quantize=False), backend=backend)
     m.vq_codes_fn = torch.compile(vq.quantize.codes_direct, backend=backend)
 
@@ -431,9 +461,12 @@ def context_from_store(summarizer: Summarizer, store, mag: str | int, indices: S
 # ---------------------------------------------------------------------------------------------------------
 # Guided denoisers
 
-def patch_eps_fn(m: ZoomLDM, context: torch.Tensor, scale: float = 1.75):
-    """eps_fn(x_t, t) with CFG in the standard form s (official CDM-FID PLMS sampler: s = 1.75)."""
-    return cfg_eps_fn(m.model_fn, context, None, scale)
+def patch_eps_fn(m: ZoomLDM, context: torch.Tensor, scale: float = 1.75, cache_every: int = 1,
+                 cache_branch: int = 0):
+    """eps_fn(x_t, t) with CFG in the standard form s (official CDM-FID PLMS sampler: s = 1.75); with
+    `cache_every` > 1 the UNet reuses its deep features between full evaluations (`LatentModel.cached_model_fn`):
+    one eps_fn per sampling run."""
+    return cfg_eps_fn(m.cached_model_fn(cache_every, cache_branch), context, None, scale)
 
 
 def joint_eps_fn(m: ZoomLDM, guide_ctx: torch.Tensor | None, patch_ctx: torch.Tensor,
@@ -477,13 +510,15 @@ def sample_cdm_contexts(cdm: ConditionDiT, n: int, mag: int, seed: int, steps: i
 
 @torch.no_grad()
 def sample_patch_latents(m: ZoomLDM, context: torch.Tensor, indices: Sequence[int], seed: int,
-                         steps: int = 50, scale: float = 1.75, sampler: str = "plms") -> torch.Tensor:
+                         steps: int = 50, scale: float = 1.75, sampler: str = "plms", cache_every: int = 1,
+                         cache_branch: int = 0) -> torch.Tensor:
     """Latents (N, 3, h, h) of items `indices`: x_T from item i of stream `seed`, then PLMS (default) or
-    DDIM η = 0 with CFG s = `scale` (standard form). `m`: a ZoomLDM or any model with the same `unet`,
-    `model_fn`, `schedule` and `device` (the Graikos patch LDM)."""
+    DDIM η = 0 with CFG s = `scale` (standard form), the UNet's deep features reused between every
+    `cache_every`-th evaluation (1: off; `patch_eps_fn`). `m`: a ZoomLDM or any `LatentModel` with a `schedule`
+    (the Graikos patch LDM)."""
     c = m.unet.config
     x_T = randn_items(seed, indices, (c.in_channels, c.image_size, c.image_size), m.device)
-    eps_fn = patch_eps_fn(m, context.to(m.device), scale)
+    eps_fn = patch_eps_fn(m, context.to(m.device), scale, cache_every, cache_branch)
     if sampler == "plms":
         return plms_sample(eps_fn, x_T, m.schedule, steps)
     return ddim_sample(eps_fn, x_T, m.schedule, steps)

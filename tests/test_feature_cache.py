@@ -1,0 +1,114 @@
+"""DeepCache feature reuse in patch sampling (issue #8's patch cut): the call schedule of
+`feature_cache_model_fn`, its wiring through `LatentModel.cached_model_fn` (counts, eager and compiled), and
+`sample_patch_latents` with `cache_every`."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zoomldm.diffusion import cfg_eps_fn, ddim_sample, feature_cache_model_fn
+from zoomldm.sampling import denoisers as dn
+from test_fast_path import CountingBackend, fresh_dynamo, tiny_model  # noqa: F401  (fixture re-used)
+
+
+def recorder():
+    calls = []
+
+    def full(x, t, c):
+        calls.append(("full", int(t[0])))
+        return x * 0 + int(t[0]), x * 0 + 1000 + int(t[0])             # eps = t, deep = 1000 + t
+
+    def shallow(x, t, c, deep):
+        calls.append(("shallow", int(t[0])))
+        return deep - 1000 + 0.5                                         # eps = (t of the last full call) + 0.5
+    return calls, full, shallow
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_every_nth_call_is_full_and_the_others_read_its_feature(every):
+    calls, full, shallow = recorder()
+    fn = feature_cache_model_fn(full, shallow, every)
+    x, c = torch.zeros(2, 1), torch.zeros(2, 1)
+    outs = [fn(x, torch.full((2,), k), c)[0, 0].item() for k in range(7)]
+    kinds = [kind for kind, _ in calls]
+    assert kinds == ["full" if k % every == 0 else "shallow" for k in range(7)]
+    assert outs == [k if k % every == 0 else k - k % every + 0.5 for k in range(7)]
+
+
+def test_a_batch_that_does_not_fit_the_cache_runs_the_whole_network_and_bad_every_is_refused():
+    calls, full, shallow = recorder()
+    fn = feature_cache_model_fn(full, shallow, 3)
+    c = torch.zeros(1)
+    fn(torch.zeros(2, 1), torch.zeros(2), c)
+    fn(torch.zeros(4, 1), torch.ones(4), c)                               # another batch size: full
+    fn(torch.zeros(4, 1), torch.ones(4), c)
+    assert [k for k, _ in calls] == ["full", "full", "shallow"]
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="every must be an integer"):
+            feature_cache_model_fn(full, shallow, bad)
+
+
+@torch.no_grad()
+def test_cached_model_fn_counts_and_matches_the_unet_pair():
+    m = tiny_model()
+    for p in m.unet.out.parameters():                                    # the zero-init output conv: make ε nonzero
+        torch.nn.init.normal_(p, std=0.1)
+    assert m.cached_model_fn(1) == m.model_fn                             # off: the plain model_fn
+    g = torch.Generator().manual_seed(3)
+    x, ctx = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 5, 32, generator=g)
+    t0, t1 = torch.full((4,), 900), torch.full((4,), 880)
+    fn = m.cached_model_fn(2, branch=1)
+    torch.testing.assert_close(fn(x, t0, ctx), m.unet(x, t0, ctx), rtol=0, atol=0)
+    _, deep = m.unet.forward_caching(x, t0, ctx, 1)
+    x1 = x + 0.1 * torch.randn(x.shape, generator=g)
+    torch.testing.assert_close(fn(x1, t1, ctx), m.unet.forward_cached(x1, t1, ctx, deep, 1), rtol=0, atol=0)
+    assert (m.counter.unet, m.counter.unet_cached) == (4, 4)
+    assert m.counter.as_dict()["unet_cached_forwards"] == 4
+    with pytest.raises(ValueError, match="cache branch 2 outside 0..1"):
+        m.cached_model_fn(2, branch=2)
+
+
+@torch.no_grad()
+def test_sample_patch_latents_with_the_cache_off_is_the_reference_and_on_runs_fewer_full_forwards():
+    m = tiny_model()
+    for p in m.unet.out.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    ctx = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(4))
+    steps = 5                                                             # 5 timesteps (6 would give 7)
+    ref = dn.sample_patch_latents(m, ctx, [0, 1, 2], seed=7, steps=steps, sampler="ddim")
+    counts_ref = (m.counter.unet, m.counter.unet_cached)
+    m.counter = dn.Counter()
+    off = dn.sample_patch_latents(m, ctx, [0, 1, 2], seed=7, steps=steps, sampler="ddim", cache_every=1)
+    torch.testing.assert_close(off, ref, rtol=0, atol=0)
+    m.counter = dn.Counter()
+    on = dn.sample_patch_latents(m, ctx, [0, 1, 2], seed=7, steps=steps, sampler="ddim", cache_every=3)
+    assert counts_ref == (steps * 3 * 2, 0)                               # CFG: both halves in every forward
+    assert (m.counter.unet, m.counter.unet_cached) == (2 * 3 * 2, 3 * 3 * 2)   # steps 0, 3 full
+    assert not torch.allclose(on, ref)
+    # the same run by hand: DDIM over CFG over the cached model_fn
+    from zoomldm.diffusion import randn_items
+    x_T = randn_items(7, [0, 1, 2], (3, 8, 8), m.device)
+    hand = ddim_sample(cfg_eps_fn(feature_cache_model_fn(
+        lambda x, t, c: m.unet.forward_caching(x, t, c, 0),
+        lambda x, t, c, d: m.unet.forward_cached(x, t, c, d, 0), 3), ctx, None, 1.75), x_T, m.schedule, steps)
+    torch.testing.assert_close(on, hand, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_the_compiled_pair_equals_eager_with_one_graph_each_for_both_layouts():
+    m = tiny_model()
+    g = torch.Generator().manual_seed(5)
+    x, ctx, t = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 5, 32, generator=g), torch.full((4,), 500)
+    eager = m.cached_model_fn(2)
+    want = [eager(x, t, ctx), eager(x * 0.9, t - 20, ctx)]
+    backend = CountingBackend()
+    dn.compile_networks(m, backend=backend)
+    compiled = m.cached_model_fn(2)
+    got = [compiled(x, t, ctx), compiled(x * 0.9, t - 20, ctx)]
+    n = backend.graphs
+    again = m.cached_model_fn(2)                                         # NCHW then channels-last, batch 3
+    again(x[:3].contiguous(memory_format=torch.channels_last), t[:3], ctx[:3])
+    again(x[:3], t[:3], ctx[:3])
+    assert n >= 2 and backend.graphs == n                                # no recompile
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
