@@ -3,7 +3,7 @@
     PYTHONUNBUFFERED=1 python bench/run_all.py --out $OUT --no-compile   # paper preset, random weights, ~6 min
     PYTHONUNBUFFERED=1 python bench/run_all.py --out $OUT                # + the compiled UNet and VQ decoder
     python bench/run_all.py --smoke                                     # CPU plumbing check (small preset)
-    python bench/run_all.py --only VQ cut                               # sections in the order named
+    python bench/run_all.py --only VQ cut                               # sections in the order named (repeats ok)
 
 Sections (default order): "UNet eager", cut, "UNet compile", VQ, patches, large, diag, profile, training; `--only`
 runs the named ones in the order it names them. "cut" times the cut's paper setting (1 real decode in every 3
@@ -13,14 +13,16 @@ steps) at 1024² and 4096² on the networks compiled so far. Without --no-compil
 
     python bench/run_all.py --out $OUT --only VQ cut --budget 190
 
-The next run (~8 min): the compiled UNet in patch sampling (2026-11-27's run recompiled there, fixed since) and
-the large rows with both networks compiled:
+The next run (~8 min): the cut's rows again (TF32 off and the compiled codebook search since), patch sampling with
+DeepCache (every 2 and 3, branch 0) on the eager and then the compiled UNet (2026-11-27's compiled run recompiled
+there, fixed since), and the large rows with both networks compiled:
 
-    python bench/run_all.py --out $OUT --only VQ cut "UNet compile" patches large profile --budget 480
+    python bench/run_all.py --out $OUT --only VQ cut patches "UNet compile" patches large --budget 480
 
 Rows: ms per UNet sample-forward at batch 34 and 128 (bf16 autocast, channels-last, eager and torch.compile);
 ms per VQ decode of one patch (fp32, bf16, compiled bf16) and of its codebook search alone; patch images/s at
-50 DDIM steps + CFG (batch 64, bf16 VQ decode); seconds per 1024² and 4096² image for the reference joint
+50 DDIM steps + CFG (batch 64, bf16 VQ decode), without and with DeepCache feature reuse (`sample.patches.cache_every`),
+with the share of the UNet FLOPs each runs; seconds per 1024² and 4096² image for the reference joint
 algorithm and for the linear cut with the settings of `sample.large.cut` (the real VQ decode in the residual only
 in every 3rd of the 20 outer steps, as the paper configs' `decode_every`; in all of them; and with the constraint on
 the first 14 of 20 only), with their UNet sample-forwards and VQ passes; training samples/s (UNet + Summarizer, AdamW,
@@ -160,21 +162,36 @@ def vq_rows(m, device, out, compile_vq=False):
         raise
 
 
-def patch_rows(m, device, d, out, n=64, steps=50):
+def patch_rows(m, device, d, out, n=64, steps=50, caches=((1, 0), (2, 0), (3, 0))):
+    """Patch images/s at `steps` DDIM steps + CFG s = 1.75, batch `n`, for each DeepCache setting (every, branch)
+    of `caches` ((1, 0): off, the reference), with the share of the reference's UNet FLOPs each one runs (counted
+    on the meta device). Each setting has a 5-step warm-up first: it compiles the shallow branch where the UNet is
+    compiled."""
+    from unet_forward import gflop_per_sample
     g = torch.Generator().manual_seed(0)
     ctx = torch.randn(n, 65, d, generator=g).to(device)
     m.vq_dtype = torch.bfloat16 if device.type == "cuda" else None
+    side, cdim = m.unet.config.image_size, m.unet.config.context_dim
+    full_gflop = gflop_per_sample(m.unet, side, cdim)
+    nets = "compiled UNet" if m.unet_fn is not None else "eager UNet"
 
-    def run():
+    def run(k, every, branch):
         with dn.autocast(device, "auto", "patches"):
             x_T = randn_items(0, range(n), (3, m.latent_side, m.latent_side), device)
-            lat = ddim_sample(dn.patch_eps_fn(m, ctx, 1.75), x_T, m.schedule, steps)
+            lat = ddim_sample(dn.patch_eps_fn(m, ctx, 1.75, every, branch), x_T, m.schedule, k)
             return m.decode(lat)
-    run()                                                                     # warm-up (and compile)
-    m.counter = dn.Counter()
-    _, s = timed(run, device)
-    row("patch sampling", f"{n} images, {steps} DDIM steps + CFG, bf16", f"{n / s:.1f} images/s",
-        f"{m.counter.unet:,} sample-forwards", out, images_per_s=n / s)
+    for every, branch in caches:
+        run(5, every, branch)                                                 # warm-up (and compile)
+        m.counter = dn.Counter()
+        _, s = timed(lambda: run(steps, every, branch), device)
+        c = m.counter
+        shallow = gflop_per_sample(m.unet, side, cdim, branch) if every > 1 else 0.0
+        share = (c.unet * full_gflop + c.unet_cached * shallow) / ((c.unet + c.unet_cached) * full_gflop)
+        setting = ("no cache (reference)" if every == 1 else f"DeepCache every {every}, branch {branch}")
+        row("patch sampling", f"{n} images, {steps} DDIM steps + CFG, bf16, {nets}, {setting}",
+            f"{n / s:.1f} images/s", f"{c.unet:,} whole + {c.unet_cached:,} shallow sample-forwards, "
+            f"{100 * share:.0f}% of the reference's UNet FLOPs", out, images_per_s=n / s, cache_every=every,
+            cache_branch=branch, flop_share=share)
 
 
 def contexts(d: int, device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -385,7 +402,7 @@ def main() -> None:
                                      [(4, None, k, True), (4, None, k, False), (16 if cuda else 4, None, k, False)])),
         ("UNet compile", 200, lambda: compile_and_time()),
         ("VQ", 20, lambda: vq_rows(m, device, args.out, cuda and not args.no_compile)),
-        ("patches", 40, lambda: patch_rows(m, device, d, args.out, *((64, 50) if cuda else (2, 5)))),
+        ("patches", 45, lambda: patch_rows(m, device, d, args.out, *((64, 50) if cuda else (2, 5)))),
         ("large", 120, lambda: large_rows(m, device, d, args.out, budget, args.smoke, args.ref_steps)),
         ("diag", 15, lambda: diag_rows(m, device, args.out)),
         ("profile", 30, lambda: profile_rows(m, device, d, args.out, args.smoke)),
@@ -397,23 +414,27 @@ def main() -> None:
         if args.no_compile or not cuda:
             row("UNet forward", "compile", "skipped", "--no-compile" if cuda else "CPU", args.out)
             return
-        compiled = torch.compile(m.unet, dynamic=True)    # one compile for every batch size the samplers use
+        # the graph `dn.compile_networks` builds: forward_caching, which serves plain and DeepCache sampling; one
+        # compile for every batch size the samplers use
+        compiled = torch.compile(m.unet.forward_caching, dynamic=True)
         t0 = time.perf_counter()
-        unet_rows(m, device, [128, 34], 20, args.out, compiled)
+        unet_rows(m, device, [128, 34], 20, args.out, lambda x, t, c: compiled(x, t, c, 0)[0])
         row("UNet forward", "torch.compile(dynamic=True) wall time, compile included",
             f"{time.perf_counter() - t0:.0f} s", "", args.out)
         m.unet_fn = compiled
+        m.unet_cached_fn = torch.compile(m.unet.forward_cached, dynamic=True)   # compiles at its first call
 
     def free_sampling():
-        m.unet_fn = m.vq_decode_fn = m.vq_codes_fn = None
+        m.unet_fn = m.unet_cached_fn = m.vq_decode_fn = m.vq_codes_fn = None
         for attr in ("unet", "vq"):
             setattr(m, attr, None)
         if cuda:
             torch.cuda.empty_cache()
 
     assert tuple(sec[0] for sec in sections) == SECTIONS
-    if args.only:                                  # in the order --only names them
-        sections = sorted((s for s in sections if s[0] in args.only), key=lambda s: args.only.index(s[0]))
+    if args.only:                # in the order --only names them; a section named twice runs twice (e.g. patches
+        by_name = {s[0]: s for s in sections}        # before and after "UNet compile": eager and compiled rows)
+        sections = [by_name[name] for name in args.only]
     for name, need, fn in sections:
         if cuda:
             torch.cuda.empty_cache()

@@ -23,16 +23,24 @@ log = logging.getLogger("bench.unet_forward")
 PAPER_GFLOP = 210.6
 
 
-def gflop_per_sample(model: UNet, side: int, context_dim: int) -> float:
-    """Counted FLOPs of one sample-forward (convolutions, matmuls, attention) on the meta device."""
+def gflop_per_sample(model: UNet, side: int, context_dim: int, cached_branch: int | None = None) -> float:
+    """Counted FLOPs of one sample-forward (convolutions, matmuls, attention) on the meta device; with
+    `cached_branch`, of DeepCache's shallow step on that branch (`UNet.forward_cached`)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
         meta = UNet(model.config)
         x, t = torch.empty(1, model.config.in_channels, side, side), torch.zeros(1, dtype=torch.long)
         ctx = torch.empty(1, 65, context_dim)
+        deep = None
+        if cached_branch is not None:
+            with torch.no_grad():
+                deep = meta.forward_caching(x, t, ctx, cached_branch)[1]
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            meta(x, t, ctx)
+            if deep is None:
+                meta(x, t, ctx)
+            else:
+                meta.forward_cached(x, t, ctx, deep, cached_branch)
     return counter.get_total_flops() / 1e9
 
 

@@ -86,9 +86,10 @@ class LatentModel:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    unet_fn = None                      # set by `fast_path`: the compiled UNet
-    unet_caching_fn = None              # set by `fast_path`: the compiled UNet.forward_caching
-    unet_cached_fn = None               # set by `fast_path`: the compiled UNet.forward_cached
+    # set by `fast_path`: the compiled UNet.forward_caching, (x, t, context, branch) -> (eps, deep feature): one
+    # graph serves plain sampling (branch 0, the feature unused) and the DeepCache full steps of branch 0
+    unet_fn = None
+    unet_cached_fn = None               # set by `fast_path`: the compiled UNet.forward_cached (DeepCache's shallow steps)
     vq_decode_fn = None                 # set by `fast_path`: the compiled VQ decoder (latents already quantised)
     vq_codes_fn = None                  # set by `fast_path`: the compiled search (VectorQuantizer.codes_direct)
     vq_dtype: torch.dtype | None = None  # set by `fast_path`: VQ autocast dtype (None: float32)
@@ -100,7 +101,7 @@ class LatentModel:
         # one memory format for every caller: the compiled graph guards on the strides of x, and a sampler's NCHW
         # batch after a channels-last one (or the other way round) would recompile it (minutes for the paper UNet;
         # torch 2.11's dynamic-shape recompile of it hung for over 100 s in the H100 bench of 2026-11-27)
-        return self.unet_fn(x.contiguous(memory_format=torch.channels_last), t, context)
+        return self.unet_fn(x.contiguous(memory_format=torch.channels_last), t, context, 0)[0]
 
     def cached_model_fn(self, every: int = 1, branch: int = 0):
         """`model_fn` with DeepCache feature reuse (`zoomldm.diffusion.cache`): every `every`-th call runs the whole
@@ -114,9 +115,9 @@ class LatentModel:
 
         def full(x, t, context):
             self.counter.unet += x.shape[0]
-            if self.unet_caching_fn is None:
+            if self.unet_fn is None:
                 return unet.forward_caching(x, t, context, branch)
-            return self.unet_caching_fn(x.contiguous(memory_format=torch.channels_last), t, context, branch)
+            return self.unet_fn(x.contiguous(memory_format=torch.channels_last), t, context, branch)
 
         def shallow(x, t, context, deep):
             self.counter.unet_cached += x.shape[0]
@@ -257,7 +258,8 @@ def fast_path(m: LatentModel, compile: bool | str = False, vq_precision: str = "
 
 def compile_networks(m: LatentModel, backend: str = "inductor", compile_cache: str | Path | None = None,
                      unet: bool = True) -> None:
-    """torch.compile, in place, of the UNet forward (dynamic shapes: one graph for every batch size; skipped with
+    """torch.compile, in place, of the UNet forward (as `UNet.forward_caching`, which also serves DeepCache's full
+    steps, and `forward_cached` for its shallow ones; dynamic shapes: one graph for every batch size; skipped with
     `unet=False`), of the VQ decoder after the codebook search, and of the codebook search itself in float32
     (`VectorQuantizer.codes_direct`: one fused reduction instead of streaming the distance matrix). `LatentModel`
     marks the batch dimension dynamic: one graph for every batch > 1; batch 1, the guide, stays eager: a 1-of-257
@@ -273,9 +275,9 @@ def compile_networks(m: LatentModel, backend: str = "inductor", compile_cache: s
             raise ValueError(f"sample.compile_cache {compile_cache}: cannot create {path} ({e.strerror})") from e
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     vq = m.vq
-    if unet:       # lazy: only the forwards a sampler calls get compiled (the caching pair for DeepCache only)
-        m.unet_fn = torch.compile(m.unet, dynamic=True, backend=backend)
-        m.unet_caching_fn = torch.compile(m.unet.forward_caching, dynamic=True, backend=backend)
+    if unet:   # the whole UNet as forward_caching: the same graph for plain and DeepCache sampling (branch 0);
+        # the shallow branch compiles lazily, at the first cached step (a small graph)
+        m.unet_fn = torch.compile(m.unet.forward_caching, dynamic=True, backend=backend)
         m.unet_cached_fn = torch.compile(m.unet.forward_cached, dynamic=True, backend=backend)
     m.vq_decode_fn = torch.compile(lambda z: vq.decode(z, quantize=False), backend=backend)
     m.vq_codes_fn = torch.compile(vq.quantize.codes_direct, backend=backend)
