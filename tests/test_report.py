@@ -25,7 +25,8 @@ def _dump(path: Path, obj: dict) -> None:
 
 def make_metrics(root: Path) -> Path:
     sets = [("zoomldm", "store", m) for m in MAGS] + [("zoomldm", "cdm", m) for m in MAGS] + \
-           [("single_scale", "store", "20x"), ("single_scale", "store", "1.25x"), ("graikos", "store", "20x")]
+           [("single_scale", "store", "20x"), ("single_scale", "store", "1.25x"), ("graikos", "store", "20x"),
+            ("zoomldm_cached", "store", "5x"), ("zoomldm_cached", "store", "20x")]
     for i, (method, cond, mag) in enumerate(sets):
         _dump(root / "fid" / method / cond / f"{mag}.json",
               {"method": method, "cond": cond, "magnification": mag, "fid": 50.0 + i, "n_gen": 64,
@@ -80,6 +81,11 @@ def test_fid_table_has_the_interface_columns_and_paper_values_in_the_right_rows(
     assert f"{LABEL}: not comparable to the paper's Inception FID" in md
     assert "FID-EffNetL0 (offline stand-in): not comparable" in tex and "\\begin{tabular}" in tex
     assert "| ZoomLDM | 20x | 50.00 | 6.77 |" in md
+    # the DeepCache variant (issue 8's patch cut) sits right below the reference, 20x first, with no paper value
+    cached = df[df.model == "zoomldm_cached"]
+    assert set(cached.method) == {"ZoomLDM (DeepCache: the speed cut)"} and list(cached.magnification) == ["20x", "5x"]
+    assert cached.paper_fid.isna().all() and cached.fid.tolist() == [64.0, 63.0]
+    assert list(df.model[:7]) == ["zoomldm"] * 5 + ["zoomldm_cached"] * 2
 
 
 def test_other_tables_carry_paper_columns_and_notes(metrics, tmp_path):

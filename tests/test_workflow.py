@@ -120,6 +120,37 @@ def test_released_weights_replace_training_in_the_plan(tmp_path):
     assert "--cdm-ckpt resources/runs/brca/release/cdm.safetensors" in out or "cdm" not in cfg["sample"]["patches"]["cond"]
 
 
+def test_the_deepcache_variant_samples_every_patch_magnification_beside_the_reference(tmp_path):
+    """sample.patches.deepcache_variant: N adds the zoomldm_cached patch sets (store conditioning, every patch
+    magnification, `--cache-every N`), sampled shard by shard and FID-evaluated like the reference's; no other
+    patch job gets the flag."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "S0.svs").touch()
+    cfg = yaml.safe_load((ROOT / "workflow/configs/brca.yaml").read_text())
+    cfg["dataset"]["inputs"] = f"{slides}/*.svs"
+    cfg["models"]["vq_checkpoint"] = None
+    cfg["eval"]["mil"]["labels"] = str(tmp_path / "labels.csv")
+    (tmp_path / "labels.csv").write_text("slide,label\n")
+    cfg["sample"]["patches"]["deepcache_variant"] = 3
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = _run(["-n", "-p", "--configfile", str(path)], cwd=tmp_path)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    from zoomldm.config import load_config
+    c = load_config(path)
+    mags = c.sample.patches.magnifications or [m.name for m in c.dataset.magnification_list()]
+    shards = -(-c.sample.patches.n_per_mag // c.sample.patches.shard_size)
+    assert len(mags) == 8 and shards == 10
+    cached = [l for l in out.splitlines() if "sample patches" in l and "/zoomldm_cached/" in l]
+    # one job per shard and the merge job of each magnification
+    assert len(cached) == len(mags) * (shards + 1) and all("--cache-every 3 " in l and "--cond store" in l for l in cached)
+    assert out.count("--cache-every") == len(cached)
+    assert all(f"resources/samples/brca/patches/zoomldm_cached/store/{m}" in out for m in mags)
+    assert sum(f"results/metrics/fid/zoomldm_cached/store/{m}.json" in out for m in mags) == len(mags)
+
+
 def test_params_of_the_reference_large_jobs_ignore_the_cut_settings():
     """A change of sample.large.cut reruns only the zoomldm_linear jobs: `section(..., drop=[...])` of
     common.smk leaves the sub-key out of the other rules' params (their rerun trigger)."""

@@ -196,6 +196,9 @@ class PatchSampleConfig:
     # deep features of the last whole one. 1: off, the official protocol
     cache_every: int = 1
     cache_branch: int = 0
+    # N ≥ 2: the workflow also samples ZoomLDM (store conditioning, every patch magnification) with cache_every N on
+    # the reference's seeds and conditions, variant `zoomldm_cached`, and tables its FID beside the reference's
+    deepcache_variant: int | None = None
 
 
 @dataclass
@@ -424,6 +427,8 @@ class Config:
         _check(cut.constraint_steps is None or cut.constraint_steps >= 0, "sample.large.cut.constraint_steps",
                "must be ≥ 0")
         _check(p.cfg_scale >= 0, "sample.patches.cfg_scale", "must be ≥ 0")
+        _check(p.deepcache_variant is None or p.deepcache_variant >= 2, "sample.patches.deepcache_variant",
+               "must be ≥ 2 or null")
         _check(p.cache_branch >= 0, "sample.patches.cache_branch", "must be ≥ 0 (and ≤ the UNet's num_res_blocks)")
         _check(0 <= lg.graikos_eta <= 1, "sample.large.graikos_eta", "must lie in [0, 1]")
         # A grid g needs the magnification whose region spans g x g base tiles (4 -> 5x, 16 -> 1.25x).

@@ -33,6 +33,8 @@ if _S.patches.single_scale:
     PATCH_SETS += [("single_scale", "store", m) for m in _SINGLE if m in _PATCH_MAGS]
 if _S.patches.graikos and _DATA_MAGS[0] in _PATCH_MAGS:
     PATCH_SETS += [("graikos", "store", _DATA_MAGS[0])]
+if _S.patches.deepcache_variant:   # issue #8's patch cut beside the reference: same model, seeds and conditions
+    PATCH_SETS += [("zoomldm_cached", "store", m) for m in _PATCH_MAGS]
 PATCH_MANIFESTS = [f"{SAMPLES}/patches/{mo}/{c}/{m}/manifest.parquet" for mo, c, m in PATCH_SETS]
 
 _VARIANTS = ["zoomldm"] + (["zoomldm_unconstrained"] if _S.large.unconstrained else [])
@@ -50,14 +52,18 @@ SR_OUTPUTS = [f"{SAMPLES}/sr/{m}/{k}.json" for m in SR_METHODS for k in range(_S
 
 
 # The checkpoint of a patch set, and the CDM a job needs (--cond cdm only).
-_patch_ckpt = lambda wc: {"zoomldm": _LDM, "graikos": _GRAIKOS}.get(
+_patch_ckpt = lambda wc: {"zoomldm": _LDM, "zoomldm_cached": _LDM, "graikos": _GRAIKOS}.get(
     wc.model, f"{RUNS}/single_scale/{wc.mag}/model.safetensors"
 )
+# no patch set reads sample.patches.deepcache_variant (the variant's jobs take it as --cache-every, a params change of
+# their own): turning the variant on or off reruns nothing else
+_patch_cfg = section("sample.seed", "sample.patches", drop=["sample.patches.deepcache_variant"])
+_cache_opt = lambda wc: f"--cache-every {_S.patches.deepcache_variant}" if wc.model == "zoomldm_cached" else ""
 _cdm_input = lambda wc: [_CDM] if getattr(wc, "cond", _S.large.cond) == "cdm" else []
 
 
 wildcard_constraints:
-    model="zoomldm|single_scale|graikos",
+    model="zoomldm|zoomldm_cached|single_scale|graikos",
     cond="store|cdm",
     mag="|".join(m.name.replace(".", r"\.") for m in _mags.ladder(CFG.dataset.ladder)),
     shard=r"\d{5}",
@@ -92,12 +98,13 @@ if _N_SHARDS == 1:
             ENV
         params:
             cli=ZOOMLDM,
-            cfg=section("sample.seed", "sample.patches"),
+            cfg=_patch_cfg,
             cdm=lambda wc, input: f"--cdm-ckpt {input.cdm[0]}" if input.cdm else "",
+            cache=_cache_opt,
             out=lambda wc, output: os.path.dirname(output.images),
         shell:
             "OMP_NUM_THREADS={threads} {params.cli} sample patches --config {input.config} --ckpt {input.ckpt} --mag {wildcards.mag} "
-            "--cond {wildcards.cond} {params.cdm} --out {params.out} --no-progress > {log} 2>&1"
+            "--cond {wildcards.cond} {params.cdm} {params.cache} --out {params.out} --no-progress > {log} 2>&1"
 
 else:
 
@@ -123,13 +130,14 @@ else:
             ENV
         params:
             cli=ZOOMLDM,
-            cfg=section("sample.seed", "sample.patches"),
+            cfg=_patch_cfg,
             cdm=lambda wc, input: f"--cdm-ckpt {input.cdm[0]}" if input.cdm else "",
+            cache=_cache_opt,
             shard=lambda wc: int(wc.shard),
             out=lambda wc, output: os.path.dirname(output.images),
         shell:
             "OMP_NUM_THREADS={threads} {params.cli} sample patches --config {input.config} --ckpt {input.ckpt} --mag {wildcards.mag} "
-            "--cond {wildcards.cond} {params.cdm} --shard {params.shard} --out {params.out} --no-progress "
+            "--cond {wildcards.cond} {params.cdm} {params.cache} --shard {params.shard} --out {params.out} --no-progress "
             "> {log} 2>&1"
 
 
@@ -147,12 +155,13 @@ else:
             ENV
         params:
             cli=ZOOMLDM,
-            cfg=section("sample.patches"),
+            cfg=section("sample.patches", drop=["sample.patches.deepcache_variant"]),
             ckpt=_patch_ckpt,
+            cache=_cache_opt,   # only merges when every shard exists; the flag keeps any shard it samples right
             out=lambda wc, output: os.path.dirname(output[0]),
         shell:
             "OMP_NUM_THREADS={threads} {params.cli} sample patches --config {input.config} --ckpt {params.ckpt} --mag {wildcards.mag} "
-            "--cond {wildcards.cond} --out {params.out} --no-progress > {log} 2>&1"
+            "--cond {wildcards.cond} {params.cache} --out {params.out} --no-progress > {log} 2>&1"
 
 
 # The cut's linear VQ, fitted once per run: every zoomldm_linear job loads it instead of refitting (on an H100

@@ -22,7 +22,8 @@ from zoomldm.report.tables import FID_ROWS, LARGE_LABELS, SR_LABELS, fid_table
 log = logging.getLogger(__name__)
 
 FIGURES = ("fid", "samples", "large", "sr")
-COLORS = {"ZoomLDM": "C0", "ZoomLDM + CDM (uncond.)": "C1", "Single-scale LDM": "C2", "Graikos et al.": "C3"}
+COLORS = {"ZoomLDM": "C0", "ZoomLDM (DeepCache: the speed cut)": "C4", "ZoomLDM + CDM (uncond.)": "C1",
+          "Single-scale LDM": "C2", "Graikos et al.": "C3"}
 PAPER_ROWS = {"zoomldm": ("paper: ZoomLDM", "C0"), "cdm": ("paper: CDM (uncond.)", "C1"),
               "sota": ("paper: SoTA (Graikos / PathLDM / single-scale)", "C7")}
 LARGE_ORDER = ("zoomldm", "zoomldm_linear", "zoomldm_unconstrained", "graikos")

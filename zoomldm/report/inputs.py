@@ -29,7 +29,7 @@ MIL_SCHEMA = {"features": "str", "encoder_label": "str", "magnification": "str",
               "n_slides": "int", "n_instances": "int", "folds": "int", "auc_mean": "float",
               "auc_std": "float", "bacc_mean": "float", "bacc_std": "float", "stand_in": "bool"}
 
-FID_METHODS = ("zoomldm", "single_scale", "graikos")
+FID_METHODS = ("zoomldm", "zoomldm_cached", "single_scale", "graikos")
 FID_CONDS = ("store", "cdm")
 LARGE_METHODS = ("zoomldm", "zoomldm_linear", "zoomldm_unconstrained", "graikos")
 SR_METHODS = ("bicubic", "ldm_sr", "controlnet", "zoomldm", "zoomldm_unconstrained")

@@ -14,7 +14,8 @@ from zoomldm.report.render import Table, write
 
 TABLES = ("fid_by_magnification", "large_images", "super_resolution", "mil")
 
-FID_ROWS = {("zoomldm", "store"): "ZoomLDM", ("zoomldm", "cdm"): "ZoomLDM + CDM (uncond.)",
+FID_ROWS = {("zoomldm", "store"): "ZoomLDM", ("zoomldm_cached", "store"): "ZoomLDM (DeepCache: the speed cut)",
+            ("zoomldm", "cdm"): "ZoomLDM + CDM (uncond.)",
             ("single_scale", "store"): "Single-scale LDM", ("graikos", "store"): "Graikos et al."}
 LARGE_LABELS = {"zoomldm": "ZoomLDM (joint sampling)",
                 "zoomldm_linear": "ZoomLDM (joint, linear constraint: the speed cut)",
