@@ -22,6 +22,18 @@ def tiny_model() -> dn.ZoomLDM:
     return dn.ZoomLDM(unet, None, vq, None, "test")
 
 
+def live_model() -> dn.ZoomLDM:
+    """tiny_model with its zero-initialised layers (output convs, ResBlock out convs, proj_out) re-drawn: otherwise
+    the UNet's ε ≡ 0 and independent of t and the context, and an ε comparison could not fail."""
+    m = tiny_model()
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in m.unet.parameters():
+            if p.abs().sum() == 0:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return m
+
+
 def exact_decode(m: dn.ZoomLDM, z: torch.Tensor) -> torch.Tensor:
     """The eager decode of the exact snapped latent z_q (eager `decode` feeds z + (z_q - z), equal to rounding)."""
     q = m.vq.quantize
@@ -70,7 +82,7 @@ def test_compiled_decode_equals_eager_and_one_graph_serves_every_batch_above_one
 
 @torch.no_grad()
 def test_compiled_unet_equals_eager_with_dynamic_batch():
-    m = tiny_model()
+    m = live_model()
     x, t, ctx = torch.randn(4, 3, 8, 8), torch.tensor([1, 200, 500, 999]), torch.randn(4, 5, 32)
     want = m.model_fn(x, t, ctx)
     backend = CountingBackend()
@@ -79,7 +91,8 @@ def test_compiled_unet_equals_eager_with_dynamic_batch():
     n = backend.graphs
     m.model_fn(x[:3], t[:3], ctx[:3])
     assert n >= 1 and backend.graphs == n                              # dynamic=True: no recompile
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert want.abs().mean() > 0.01                                    # a live model: ε is not zero
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)        # channels-last convolutions: rounding apart
     assert m.counter.unet == 4 + 4 + 3
 
 
@@ -181,7 +194,7 @@ def test_the_compiled_unet_sees_one_memory_format_whatever_the_sampler_passes():
     """The H100 bench of 2026-11-27 traced the UNet on channels-last batches; the patch sampler's NCHW batches then
     failed the graph's stride guard and recompiled it (minutes, and there it hung). `model_fn` hands the compiled
     UNet channels-last inputs always: one graph for both layouts, and the eager result."""
-    m = tiny_model()
+    m = live_model()
     x, t, ctx = torch.randn(4, 3, 8, 8), torch.tensor([1, 200, 500, 999]), torch.randn(4, 5, 32)
     want = m.model_fn(x, t, ctx)
     backend = CountingBackend()
@@ -190,8 +203,9 @@ def test_the_compiled_unet_sees_one_memory_format_whatever_the_sampler_passes():
     n = backend.graphs
     got = m.model_fn(x, t, ctx)
     assert n >= 1 and backend.graphs == n                              # no recompile for the NCHW batch
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    torch.testing.assert_close(got_cl, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_cl, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, got_cl, rtol=0, atol=0)            # the same graph on the same values
 
 
 def test_compile_vq_leaves_the_unet_eager_and_fast_path_rejects_other_values():

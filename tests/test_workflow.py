@@ -145,10 +145,23 @@ def test_the_deepcache_variant_samples_every_patch_magnification_beside_the_refe
     assert len(mags) == 8 and shards == 10
     cached = [l for l in out.splitlines() if "sample patches" in l and "/zoomldm_cached/" in l]
     # one job per shard and the merge job of each magnification
-    assert len(cached) == len(mags) * (shards + 1) and all("--cache-every 3 " in l and "--cond store" in l for l in cached)
+    assert len(cached) == len(mags) * (shards + 1)
+    assert all("--cache-every 3 --cache-branch 0 " in l and "--cond store" in l for l in cached)
     assert out.count("--cache-every") == len(cached)
     assert all(f"resources/samples/brca/patches/zoomldm_cached/store/{m}" in out for m in mags)
     assert sum(f"results/metrics/fid/zoomldm_cached/store/{m}.json" in out for m in mags) == len(mags)
+
+
+def test_a_cached_reference_is_one_clear_line(tmp_path):
+    """sample.patches.cache_every would put DeepCache under the rows the tables set beside the paper's (labelled
+    "ZoomLDM"): the workflow refuses it and names the variant key."""
+    cfg = yaml.safe_load((ROOT / "workflow/configs/demo.yaml").read_text())
+    cfg["sample"]["patches"]["cache_every"] = 2
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = _run(["-n", "--configfile", str(path)], cwd=tmp_path)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "config key 'sample.patches.cache_every'" in out and "deepcache_variant" in out
 
 
 def test_params_of_the_reference_large_jobs_ignore_the_cut_settings():

@@ -55,10 +55,19 @@ SR_OUTPUTS = [f"{SAMPLES}/sr/{m}/{k}.json" for m in SR_METHODS for k in range(_S
 _patch_ckpt = lambda wc: {"zoomldm": _LDM, "zoomldm_cached": _LDM, "graikos": _GRAIKOS}.get(
     wc.model, f"{RUNS}/single_scale/{wc.mag}/model.safetensors"
 )
-# no patch set reads sample.patches.deepcache_variant (the variant's jobs take it as --cache-every, a params change of
-# their own): turning the variant on or off reruns nothing else
-_patch_cfg = section("sample.seed", "sample.patches", drop=["sample.patches.deepcache_variant"])
-_cache_opt = lambda wc: f"--cache-every {_S.patches.deepcache_variant}" if wc.model == "zoomldm_cached" else ""
+# The patch sets the tables set beside the paper follow the official protocol: DeepCache only as its own variant.
+if _S.patches.cache_every != 1:
+    raise WorkflowError(
+        "config key 'sample.patches.cache_every': the workflow's patch sets are the reference the tables compare "
+        "with the paper; set sample.patches.deepcache_variant to sample DeepCache beside them (cache_every is the "
+        "default of a standalone `zoomldm sample patches`)"
+    )
+# The cache keys reach only the variant's jobs, as flags: turning the variant on or off, or changing its branch,
+# reruns no other patch job.
+_patch_cfg = section("sample.seed", "sample.patches", drop=[f"sample.patches.{k}" for k in
+                     ("deepcache_variant", "cache_every", "cache_branch")])
+_cache_opt = lambda wc: (f"--cache-every {_S.patches.deepcache_variant} --cache-branch {_S.patches.cache_branch}"
+                         if wc.model == "zoomldm_cached" else "")
 _cdm_input = lambda wc: [_CDM] if getattr(wc, "cond", _S.large.cond) == "cdm" else []
 
 
@@ -155,7 +164,8 @@ else:
             ENV
         params:
             cli=ZOOMLDM,
-            cfg=section("sample.patches", drop=["sample.patches.deepcache_variant"]),
+            cfg=section("sample.patches", drop=[f"sample.patches.{k}" for k in
+                                                ("deepcache_variant", "cache_every", "cache_branch")]),
             ckpt=_patch_ckpt,
             cache=_cache_opt,   # only merges when every shard exists; the flag keeps any shard it samples right
             out=lambda wc, output: os.path.dirname(output[0]),

@@ -9,8 +9,11 @@ of networks into one ``model_fn(x_t, t, cond) -> eps`` for the samplers and guid
 Every ``every``-th call is a full one (the first call always is) and refreshes the cache; the calls in between
 run the shallow branch (DeepCache's uniform 1:N strategy). ``every = 1`` is the network itself. The closure
 counts its calls, so it belongs to one sampling run: build a new one per batch. A call whose batch does not fit
-the cached feature (another batch size) is a full one. It works under any sampler and under classifier-free
-guidance, which passes both halves through one call (``cfg_eps_fn``), so both halves share the schedule.
+the cached feature (another batch size) is a full one. Classifier-free guidance passes both halves through one
+call (``cfg_eps_fn``), so both halves share the schedule. The schedule counts evaluations, not sampler steps (it
+sees no step index and reads no timestep, which would cost a device sync): under PLMS, whose first step evaluates
+twice, the evaluation at the second timestep's x̃ is shallow and that step's own evaluation full, and the pattern
+is shifted by one from there on; the demo's quality numbers were measured so (bench/RESULTS.md).
 """
 from __future__ import annotations
 

@@ -258,8 +258,9 @@ def fast_path(m: LatentModel, compile: bool | str = False, vq_precision: str = "
 
 def compile_networks(m: LatentModel, backend: str = "inductor", compile_cache: str | Path | None = None,
                      unet: bool = True) -> None:
-    """torch.compile, in place, of the UNet forward (as `UNet.forward_caching`, which also serves DeepCache's full
-    steps, and `forward_cached` for its shallow ones; dynamic shapes: one graph for every batch size; skipped with
+    """torch.compile, in place, of the UNet forward (as `UNet.forward_caching`, whose branch-0 graph also serves
+    DeepCache's full steps: another `cache_branch` compiles the whole UNet once more; and `forward_cached` for the
+    shallow steps, a small graph); dynamic shapes: one graph for every batch size; skipped with
     `unet=False`), of the VQ decoder after the codebook search, and of the codebook search itself in float32
     (`VectorQuantizer.codes_direct`: one fused reduction instead of streaming the distance matrix). `LatentModel`
     marks the batch dimension dynamic: one graph for every batch > 1; batch 1, the guide, stays eager: a 1-of-257
