@@ -14,7 +14,7 @@ steps) at 1024² and 4096² on the networks compiled so far. Without --no-compil
     python bench/run_all.py --out $OUT --only VQ cut --budget 190
 
 The next run (~8 min): the cut's rows again (TF32 off and the compiled codebook search since), patch sampling with
-DeepCache (every 2 and 3, branch 0) on the eager and then the compiled UNet (2026-11-27's compiled run recompiled
+DeepCache (every 2, 3 and 5, branch 0) on the eager and then the compiled UNet (2026-11-27's compiled run recompiled
 there, fixed since), and the large rows with both networks compiled:
 
     python bench/run_all.py --out $OUT --only VQ cut patches "UNet compile" patches large --budget 480
@@ -162,7 +162,7 @@ def vq_rows(m, device, out, compile_vq=False):
         raise
 
 
-def patch_rows(m, device, d, out, n=64, steps=50, caches=((1, 0), (2, 0), (3, 0))):
+def patch_rows(m, device, d, out, n=64, steps=50, caches=((1, 0), (2, 0), (3, 0), (5, 0))):
     """Patch images/s at `steps` DDIM steps + CFG s = 1.75, batch `n`, for each DeepCache setting (every, branch)
     of `caches` ((1, 0): off, the reference), with the share of the reference's UNet FLOPs each one runs (counted
     on the meta device). Each setting has a 5-step warm-up first: it compiles the shallow branch where the UNet is
