@@ -183,7 +183,7 @@ def patch_rows(m, device, d, out, n=64, steps=50, caches=((1, 0), (2, 0), (3, 0)
     for every, branch in caches:
         run(5, every, branch)                                                 # warm-up (and compile)
         m.counter = dn.Counter()
-        _, s = timed(lambda: run(steps, every, branch), device)
+        _, s = timed(lambda e=every, b=branch: run(steps, e, b), device)
         c = m.counter
         shallow = gflop_per_sample(m.unet, side, cdim, branch) if every > 1 else 0.0
         share = (c.unet * full_gflop + c.unet_cached * shallow) / ((c.unet + c.unet_cached) * full_gflop)

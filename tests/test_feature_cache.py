@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_fast_path import CountingBackend, fresh_dynamo, live_model  # noqa: F401  (fixture re-used)
 
 from zoomldm.diffusion import cfg_eps_fn, ddim_sample, feature_cache_model_fn
 from zoomldm.sampling import denoisers as dn
-from test_fast_path import CountingBackend, fresh_dynamo, live_model  # noqa: F401  (fixture re-used)
 
 
 def recorder():
