@@ -340,22 +340,33 @@ class UNet(nn.Module):
         middle-block output and every output-block output (the official ZoomLDM hook, reference §1.1;
         used for MIL features).
         """
+        feats: dict[str, Tensor] | None = {} if return_intermediates else None
+        eps, _ = self._whole(x, timesteps, context, feats)
+        return (eps, feats) if return_intermediates else eps
+
+    def _whole(
+        self, x: Tensor, timesteps: Tensor, context: Tensor, feats: dict[str, Tensor] | None = None, keep: int = -1
+    ) -> tuple[Tensor, Tensor | None]:
+        """ε of the whole network, and the input of output block `keep` (None for -1); `feats` collects the
+        middle-block and output-block activations when given."""
         timesteps = self._check_inputs(x, timesteps, context)
         emb = self._embed(timesteps)
-
         skips = []
         h = x
         for block in self.input_blocks:
             h = self._block(block, h, emb, context)
             skips.append(h)
         h = self._block(self.middle_block, h, emb, context)
-        feats = {"middle_block": h} if return_intermediates else {}
+        if feats is not None:
+            feats["middle_block"] = h
+        kept = None
         for i, block in enumerate(self.output_blocks):
+            if i == keep:
+                kept = h
             h = self._block(block, torch.cat([h, skips.pop()], dim=1), emb, context)
-            if return_intermediates:
+            if feats is not None:
                 feats[f"output_blocks.{i}"] = h
-        eps = self.out(h).to(x.dtype)
-        return (eps, feats) if return_intermediates else eps
+        return self.out(h).to(x.dtype), kept
 
     # Feature caching (DeepCache, Ma et al., CVPR 2024, arXiv 2312.00858): the deep features entering the last
     # `branch + 1` output blocks change slowly between adjacent sampler steps, so a sampler may compute them once
@@ -378,21 +389,7 @@ class UNet(nn.Module):
         """`forward(x, timesteps, context)` and the feature `forward_cached` reuses: the input of output block
         `len(output_blocks) - 1 - branch` before its skip concatenation, (B, C, H, W) at full resolution."""
         self.check_cache_branch(branch)
-        timesteps = self._check_inputs(x, timesteps, context)
-        emb = self._embed(timesteps)
-        skips = []
-        h = x
-        for block in self.input_blocks:
-            h = self._block(block, h, emb, context)
-            skips.append(h)
-        h = self._block(self.middle_block, h, emb, context)
-        first_shallow = len(self.output_blocks) - 1 - branch
-        deep = h
-        for i, block in enumerate(self.output_blocks):
-            if i == first_shallow:
-                deep = h
-            h = self._block(block, torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out(h).to(x.dtype), deep
+        return self._whole(x, timesteps, context, keep=len(self.output_blocks) - 1 - branch)
 
     def forward_cached(self, x: Tensor, timesteps: Tensor, context: Tensor, deep: Tensor, branch: int = 0) -> Tensor:
         """ε from the shallow branch only: input blocks 0..branch on `x`, then the last `branch + 1` output blocks
