@@ -64,8 +64,8 @@ if _S.patches.cache_every != 1:
     )
 # The cache keys reach only the variant's jobs, as flags: turning the variant on or off, or changing its branch,
 # reruns no other patch job.
-_patch_cfg = section("sample.seed", "sample.patches", drop=[f"sample.patches.{k}" for k in
-                     ("deepcache_variant", "cache_every", "cache_branch")])
+_PATCH_CACHE_KEYS = [f"sample.patches.{k}" for k in ("deepcache_variant", "cache_every", "cache_branch")]
+_patch_cfg = section("sample.seed", "sample.patches", drop=_PATCH_CACHE_KEYS)
 _cache_opt = lambda wc: (f"--cache-every {_S.patches.deepcache_variant} --cache-branch {_S.patches.cache_branch}"
                          if wc.model == "zoomldm_cached" else "")
 _cdm_input = lambda wc: [_CDM] if getattr(wc, "cond", _S.large.cond) == "cdm" else []
@@ -164,8 +164,7 @@ else:
             ENV
         params:
             cli=ZOOMLDM,
-            cfg=section("sample.patches", drop=[f"sample.patches.{k}" for k in
-                                                ("deepcache_variant", "cache_every", "cache_branch")]),
+            cfg=section("sample.patches", drop=_PATCH_CACHE_KEYS),
             ckpt=_patch_ckpt,
             cache=_cache_opt,   # only merges when every shard exists; the flag keeps any shard it samples right
             out=lambda wc, output: os.path.dirname(output[0]),
