@@ -94,14 +94,23 @@ class LatentModel:
     vq_codes_fn = None                  # set by `fast_path`: the compiled search (VectorQuantizer.codes_direct)
     vq_dtype: torch.dtype | None = None  # set by `fast_path`: VQ autocast dtype (None: float32)
 
-    def model_fn(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _whole_unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                    branch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, the deep feature of `branch`) of the whole UNet, counted: `UNet.forward_caching`, compiled or
+        eager (its eps is `forward`'s, exactly)."""
         self.counter.unet += x.shape[0]
-        if self.unet_fn is None:                  # a compiled module has no bool()
-            return self.unet(x, t, context)
+        if self.unet_fn is None:                  # a compiled function has no bool()
+            return self.unet.forward_caching(x, t, context, branch)
         # one memory format for every caller: the compiled graph guards on the strides of x, and a sampler's NCHW
         # batch after a channels-last one (or the other way round) would recompile it (minutes for the paper UNet;
         # torch 2.11's dynamic-shape recompile of it hung for over 100 s in the H100 bench of 2026-11-27)
-        return self.unet_fn(x.contiguous(memory_format=torch.channels_last), t, context, 0)[0]
+        return self.unet_fn(x.contiguous(memory_format=torch.channels_last), t, context, branch)
+
+    def model_fn(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.unet_fn is None:     # the module's own forward: stand-in denoisers (tests, baselines) have only that
+            self.counter.unet += x.shape[0]
+            return self.unet(x, t, context)
+        return self._whole_unet(x, t, context, 0)[0]
 
     def cached_model_fn(self, every: int = 1, branch: int = 0):
         """`model_fn` with DeepCache feature reuse (`zoomldm.diffusion.cache`): every `every`-th call runs the whole
@@ -111,20 +120,13 @@ class LatentModel:
         if every == 1:
             return self.model_fn
         self.unet.check_cache_branch(branch)
-        unet = self.unet
-
-        def full(x, t, context):
-            self.counter.unet += x.shape[0]
-            if self.unet_fn is None:
-                return unet.forward_caching(x, t, context, branch)
-            return self.unet_fn(x.contiguous(memory_format=torch.channels_last), t, context, branch)
 
         def shallow(x, t, context, deep):
             self.counter.unet_cached += x.shape[0]
             if self.unet_cached_fn is None:
-                return unet.forward_cached(x, t, context, deep, branch)
+                return self.unet.forward_cached(x, t, context, deep, branch)
             return self.unet_cached_fn(x.contiguous(memory_format=torch.channels_last), t, context, deep, branch)
-        return feature_cache_model_fn(full, shallow, every)
+        return feature_cache_model_fn(lambda x, t, context: self._whole_unet(x, t, context, branch), shallow, every)
 
     def _vq_autocast(self, device: torch.device):
         return torch.autocast(device.type, dtype=self.vq_dtype or torch.float32, enabled=self.vq_dtype is not None)
