@@ -107,7 +107,7 @@ def unet_rows(m, device, batches, iters, out, compiled):
     amp = device.type == "cuda"
     for mode, fn in [("compile", compiled)] if compiled is not None else [("eager", m.unet)]:
         for b in batches:
-            ms = time_forward(fn, b, side, device, amp, iters, 3)
+            ms = time_forward(fn, b, side, device, amp, iters, 3, config=m.unet.config)
             tflops = PAPER_GFLOP * b / ms if side == 64 else float("nan")
             row("UNet forward", f"batch {b}, {'bf16' if amp else 'fp32'}, {mode}", f"{ms / b:.3f} ms/sample",
                 f"{tflops:.0f} TFLOP/s" if side == 64 else "small preset", out, ms_per_sample=ms / b,
@@ -393,7 +393,6 @@ def main() -> None:
     d = SUMMARIZER_PRESETS[preset].hidden_dim
     m.unet = m.unet.to(memory_format=torch.channels_last).eval()
     m.vq = m.vq.to(memory_format=torch.channels_last).eval()
-    compiled = None
     k = 2 if args.smoke else 3                           # decode_every of the paper configs (2 of 2 steps smoke)
     sections = [
         ("UNet eager", 20, lambda: unet_rows(m, device, [34, 128] if cuda else [2], 20 if cuda else 2, args.out,
@@ -410,19 +409,14 @@ def main() -> None:
     ]
 
     def compile_and_time():
-        nonlocal compiled
         if args.no_compile or not cuda:
             row("UNet forward", "compile", "skipped", "--no-compile" if cuda else "CPU", args.out)
             return
-        # the graph `dn.compile_networks` builds: forward_caching, which serves plain and DeepCache sampling; one
-        # compile for every batch size the samplers use
-        compiled = torch.compile(m.unet.forward_caching, dynamic=True)
+        dn.compile_networks(m, vq=False)       # the samplers' UNet graphs (the VQ section compiles the VQ)
         t0 = time.perf_counter()
-        unet_rows(m, device, [128, 34], 20, args.out, lambda x, t, c: compiled(x, t, c, 0)[0])
+        unet_rows(m, device, [128, 34], 20, args.out, lambda x, t, c: m.unet_fn(x, t, c, 0)[0])
         row("UNet forward", "torch.compile(dynamic=True) wall time, compile included",
             f"{time.perf_counter() - t0:.0f} s", "", args.out)
-        m.unet_fn = compiled
-        m.unet_cached_fn = torch.compile(m.unet.forward_cached, dynamic=True)   # compiles at its first call
 
     def free_sampling():
         m.unet_fn = m.unet_cached_fn = m.vq_decode_fn = m.vq_codes_fn = None

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from zoomldm.models.unet import UNET_PRESETS, UNet
+from zoomldm.models.unet import UNET_PRESETS, UNet, UNetConfig
 
 log = logging.getLogger("bench.unet_forward")
 # Per sample-forward of the paper UNet at 64x64 latents (reference §1.4); `gflop_per_sample` counts 210.62.
@@ -44,10 +44,11 @@ def gflop_per_sample(model: UNet, side: int, context_dim: int, cached_branch: in
     return counter.get_total_flops() / 1e9
 
 
-def time_forward(model: UNet, batch: int, side: int, device: torch.device, bf16: bool, iters: int,
-                 warmup: int) -> float:
-    """Median milliseconds of one batched forward."""
-    cfg = model.config
+def time_forward(model, batch: int, side: int, device: torch.device, bf16: bool, iters: int,
+                 warmup: int, config: UNetConfig | None = None) -> float:
+    """Median milliseconds of one batched forward of `model(x, t, context)`: a UNet, or any callable given the
+    UNet's `config` (e.g. a compiled `UNet.forward_caching` wrapped to return ε)."""
+    cfg = config or model.config
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, cfg.in_channels, side, side, generator=g).to(device)
     x = x.to(memory_format=torch.channels_last)

@@ -212,6 +212,9 @@ def test_compile_vq_leaves_the_unet_eager_and_fast_path_rejects_other_values():
     m = tiny_model()
     dn.compile_networks(m, backend=CountingBackend(), unet=False)
     assert m.unet_fn is None and m.vq_decode_fn is not None
+    m = tiny_model()                                                    # and the other way round (the bench's UNet)
+    dn.compile_networks(m, backend=CountingBackend(), vq=False)
+    assert m.unet_fn is not None and m.unet_cached_fn is not None and m.vq_decode_fn is None and m.vq_codes_fn is None
     for bad in ("unet", 1, None):
         with pytest.raises(ValueError, match="compile must be false, true or 'vq'"):
             dn.fast_path(tiny_model(), compile=bad)

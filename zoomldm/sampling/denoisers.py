@@ -259,12 +259,13 @@ def fast_path(m: LatentModel, compile: bool | str = False, vq_precision: str = "
 
 
 def compile_networks(m: LatentModel, backend: str = "inductor", compile_cache: str | Path | None = None,
-                     unet: bool = True) -> None:
+                     unet: bool = True, vq: bool = True) -> None:
     """torch.compile, in place, of the UNet forward (as `UNet.forward_caching`, whose branch-0 graph also serves
     DeepCache's full steps: another `cache_branch` compiles the whole UNet once more; and `forward_cached` for the
     shallow steps, a small graph); dynamic shapes: one graph for every batch size; skipped with
     `unet=False`), of the VQ decoder after the codebook search, and of the codebook search itself in float32
-    (`VectorQuantizer.codes_direct`: one fused reduction instead of streaming the distance matrix). `LatentModel`
+    (`VectorQuantizer.codes_direct`: one fused reduction instead of streaming the distance matrix; both VQ graphs
+    skipped with `vq=False`). `LatentModel`
     marks the batch dimension dynamic: one graph for every batch > 1; batch 1, the guide, stays eager: a 1-of-257
     share of the decodes is not worth a second compile. Compiling happens at the first
     call of each (the paper UNet: 270 s on an H100; the VQ decoder: 17 s); `compile_cache` points the kernel cache
@@ -277,13 +278,14 @@ def compile_networks(m: LatentModel, backend: str = "inductor", compile_cache: s
         except OSError as e:
             raise ValueError(f"sample.compile_cache {compile_cache}: cannot create {path} ({e.strerror})") from e
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
-    vq = m.vq
     if unet:   # the whole UNet as forward_caching: the same graph for plain and DeepCache sampling (branch 0);
         # the shallow branch compiles lazily, at the first cached step (a small graph)
         m.unet_fn = torch.compile(m.unet.forward_caching, dynamic=True, backend=backend)
         m.unet_cached_fn = torch.compile(m.unet.forward_cached, dynamic=True, backend=backend)
-    m.vq_decode_fn = torch.compile(lambda z: vq.decode(z, quantize=False), backend=backend)
-    m.vq_codes_fn = torch.compile(vq.quantize.codes_direct, backend=backend)
+    if vq:
+        vq_model = m.vq
+        m.vq_decode_fn = torch.compile(lambda z: vq_model.decode(z, quantize=False), backend=backend)
+        m.vq_codes_fn = torch.compile(vq_model.quantize.codes_direct, backend=backend)
 
 
 def _store_latents(store):
