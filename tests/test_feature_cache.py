@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_fast_path import CountingBackend, fresh_dynamo, live_model  # noqa: F401  (fixture re-used)
 
-from zoomldm.diffusion import cfg_eps_fn, ddim_sample, feature_cache_model_fn
+from zoomldm.diffusion import cfg_eps_fn, ddim_sample, feature_cache_model_fn, plms_sample, randn_items
 from zoomldm.sampling import denoisers as dn
 
 
@@ -82,7 +82,6 @@ def test_sample_patch_latents_with_the_cache_off_is_the_reference_and_on_runs_fe
     assert (m.counter.unet, m.counter.unet_cached) == (2 * 3 * 2, 3 * 3 * 2)   # steps 0, 3 full
     assert not torch.allclose(on, ref)
     # the same run by hand: DDIM over CFG over the cached model_fn
-    from zoomldm.diffusion import randn_items
     x_T = randn_items(7, [0, 1, 2], (3, 8, 8), m.device)
     hand = ddim_sample(cfg_eps_fn(feature_cache_model_fn(
         lambda x, t, c: m.unet.forward_caching(x, t, c, 0),
@@ -136,11 +135,10 @@ def test_under_plms_the_schedule_counts_evaluations():
     """PLMS evaluates twice in its first step (at t and at the next timestep), and the cache counts evaluations,
     not steps: with every 2 the second evaluation at the next timestep is shallow, the step there full (the
     demo's quality numbers, bench/RESULTS.md, were measured so)."""
-    from zoomldm.diffusion import plms_sample
     calls, full, shallow = recorder()
     x = torch.zeros(1, 1)
     ts = dn.Schedule.scaled_linear().timesteps(5)
     fn = feature_cache_model_fn(full, shallow, 2)
     plms_sample(lambda x_t, t: fn(x_t, t, None), x, dn.Schedule.scaled_linear(), 5)
-    assert [(k, t) for k, t in calls] == [("full", ts[0]), ("shallow", ts[1]), ("full", ts[1]), ("shallow", ts[2]),
-                                         ("full", ts[3]), ("shallow", ts[4])]
+    assert calls == [("full", ts[0]), ("shallow", ts[1]), ("full", ts[1]), ("shallow", ts[2]),
+                     ("full", ts[3]), ("shallow", ts[4])]
