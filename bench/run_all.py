@@ -370,6 +370,8 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--only", nargs="+", default=None, help="Run only these sections (names as in the table).")
     ap.add_argument("--smoke", action="store_true", help="CPU plumbing check: small preset, tiny sizes.")
+    ap.add_argument("--patch-images", type=int, default=64,
+                    help="Images per patch-sampling batch (the UNet batch is twice this: CFG).")
     args = ap.parse_args()
     unknown = [n for n in args.only or [] if n not in SECTIONS]
     if unknown:
@@ -401,7 +403,8 @@ def main() -> None:
                                      [(4, None, k, True), (4, None, k, False), (16 if cuda else 4, None, k, False)])),
         ("UNet compile", 200, lambda: compile_and_time()),
         ("VQ", 20, lambda: vq_rows(m, device, args.out, cuda and not args.no_compile)),
-        ("patches", 45, lambda: patch_rows(m, device, d, args.out, *((64, 50) if cuda else (2, 5)))),
+        ("patches", 45, lambda: patch_rows(m, device, d, args.out,
+                                                 *((args.patch_images, 50) if cuda else (2, 5)))),
         ("large", 120, lambda: large_rows(m, device, d, args.out, budget, args.smoke, args.ref_steps)),
         ("diag", 15, lambda: diag_rows(m, device, args.out)),
         ("profile", 30, lambda: profile_rows(m, device, d, args.out, args.smoke)),
