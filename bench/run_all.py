@@ -8,16 +8,17 @@
 Sections (default order): "UNet eager", cut, "UNet compile", VQ, patches, large, diag, profile, training; `--only`
 runs the named ones in the order it names them. "cut" times the cut's paper setting (1 real decode in every 3
 steps) at 1024² and 4096² on the networks compiled so far. Without --no-compile, "UNet compile" compiles the UNet
-(255-270 s on an H100) and VQ compiles the decoder (~17 s); every later section then samples with them (rows say
-"compiled"). The issue-8 rows on one H100 (2026-11-27, ~80 s; bench/RESULTS.md):
+(255-320 s on an H100) and VQ compiles the decoder (~17-25 s); every later section then samples with them (rows say
+"compiled"). The issue-8 rows on one H100 (2026-11-27, eighth session; bench/RESULTS.md), run A (~8 min: the
+VQ and the cut's rows, patch sampling without and with DeepCache on the eager UNet, then on the compiled one) and,
+on the same warm machine, run B (~3 min: the cut's rows on the eager and then on the compiled UNet, compiled from
+run A's kernel cache):
 
-    python bench/run_all.py --out $OUT --only VQ cut --budget 190
+    python bench/run_all.py --out $OUT --only VQ cut patches "UNet compile" patches --budget 500
+    python bench/run_all.py --out $OUT --only VQ cut "UNet compile" cut --budget 310
 
-The next run (~8 min): the cut's rows again (TF32 off and the compiled codebook search since), patch sampling with
-DeepCache (every 2, 3 and 5, branch 0) on the eager and then the compiled UNet (2026-11-27's compiled run recompiled
-there, fixed since), and the large rows with both networks compiled:
-
-    python bench/run_all.py --out $OUT --only VQ cut patches "UNet compile" patches large --budget 480
+Not run on a GPU yet: `--only VQ cut profile` (~2 min), the operator table of one 1024² image of the cut, which
+would say where its eager-UNet time goes (2.2 s in both runs, 1.9-2.0 s in the sixth session on another H100).
 
 Rows: ms per UNet sample-forward at batch 34 and 128 (bf16 autocast, channels-last, eager and torch.compile);
 ms per VQ decode of one patch (fp32, bf16, compiled bf16) and of its codebook search alone; patch images/s at
