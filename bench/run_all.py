@@ -6,7 +6,8 @@
     python bench/run_all.py --only VQ cut                               # sections in the order named (repeats ok)
 
 Sections (default order): "UNet eager", cut, "UNet compile", VQ, patches, large, diag, profile, training; `--only`
-runs the named ones in the order it names them. "cut" times the cut's paper setting (1 real decode in every 3
+runs the named ones in the order it names them, and also runs the opt-in "UNet compile static" (the UNet compiled
+for batch 128 alone: whether the samplers' dynamic-shape graph leaves speed behind). "cut" times the cut's paper setting (1 real decode in every 3
 steps) at 1024² and 4096² on the networks compiled so far. Without --no-compile, "UNet compile" compiles the UNet
 (255-320 s on an H100) and VQ compiles the decoder (~17-25 s); every later section then samples with them (rows say
 "compiled"). The issue-8 rows on one H100 (2026-11-27, eighth session; bench/RESULTS.md), run A (~8 min: the
@@ -61,7 +62,9 @@ from zoomldm.models.summarizer import SUMMARIZER_PRESETS
 from zoomldm.sampling import denoisers as dn
 
 ROWS: list[dict] = []
-SECTIONS = ("UNet eager", "cut", "UNet compile", "VQ", "patches", "large", "diag", "profile", "training")
+SECTIONS = ("UNet eager", "cut", "UNet compile", "VQ", "patches", "large", "diag", "profile", "training",
+            "UNet compile static")
+OPT_IN = ("UNet compile static",)   # sections only `--only` runs
 
 
 class Budget:
@@ -410,6 +413,7 @@ def main() -> None:
         ("diag", 15, lambda: diag_rows(m, device, args.out)),
         ("profile", 30, lambda: profile_rows(m, device, d, args.out, args.smoke)),
         ("training", 40, lambda: (free_sampling(), train_rows(device, preset, args.out))),
+        ("UNet compile static", 200, lambda: compile_static()),
     ]
 
     def compile_and_time():
@@ -422,6 +426,20 @@ def main() -> None:
         row("UNet forward", "torch.compile(dynamic=True) wall time, compile included",
             f"{time.perf_counter() - t0:.0f} s", "", args.out)
 
+    def compile_static():
+        """The UNet compiled for one batch shape (dynamic=False) at batch 128, the patch sampler's CFG batch: does
+        the samplers' dynamic-shape graph (0.80 ms per sample-forward) leave speed behind? (The official UNet
+        compiled, presumably static: 0.61 ms, issue 8.) Timing only; the samplers keep their graphs."""
+        if args.no_compile or not cuda:
+            row("UNet forward", "compile static", "skipped", "--no-compile" if cuda else "CPU", args.out)
+            return
+        fn = torch.compile(m.unet.forward, dynamic=False)
+        t0 = time.perf_counter()
+        ms = time_forward(fn, 128, m.unet.config.image_size, device, True, 20, 3, config=m.unet.config)
+        row("UNet forward", "batch 128, bf16, torch.compile(dynamic=False)", f"{ms / 128:.3f} ms/sample",
+            f"{PAPER_GFLOP * 128 / ms:.0f} TFLOP/s; compile + timing {time.perf_counter() - t0:.0f} s", args.out,
+            ms_per_sample=ms / 128, batch=128, mode="compile-static")
+
     def free_sampling():
         m.unet_fn = m.unet_cached_fn = m.vq_decode_fn = m.vq_codes_fn = None
         for attr in ("unet", "vq"):
@@ -430,6 +448,8 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     assert tuple(sec[0] for sec in sections) == SECTIONS
+    if not args.only:
+        sections = [sec for sec in sections if sec[0] not in OPT_IN]
     if args.only:                # in the order --only names them; a section named twice runs twice (e.g. patches
         by_name = {s[0]: s for s in sections}        # before and after "UNet compile": eager and compiled rows)
         sections = [by_name[name] for name in args.only]
