@@ -331,9 +331,10 @@ class VectorQuantizer(nn.Module):
     def codes_direct(self, z: Tensor) -> Tensor:
         """`codes` by the direct squared distance sum_c (z_c - e_c)^2, written to be compiled: torch.compile fuses
         it into one reduction over the codebook (the 3-wide sum unrolled) that never stores the (pixels x n_embed)
-        matrix, where `codes` streams chunks of it through memory (0.46 ms of every 2.2-ms compiled decode on an
-        H100). Eager it would hold that matrix: use `codes` there. The same nearest code as `codes` except where
-        two codes are equidistant to rounding (the expanded form rounds differently)."""
+        matrix, where `codes` streams chunks of it through memory (on an H100, 0.46 ms per patch eager against
+        0.05 ms compiled; the compiled decode around it fell from 2.16 to 1.74 ms: bench/RESULTS.md). Eager it
+        would hold that matrix: use `codes` there. The same nearest code as `codes` except where two codes are
+        equidistant to rounding (the expanded form rounds differently)."""
         b, c, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, 1, c).float()  # (B*h*w, 1, C)
         d = (flat - self.embedding.weight.float()).pow(2).sum(-1)  # (B*h*w, n_embed): fused when compiled
