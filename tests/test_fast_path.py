@@ -256,3 +256,21 @@ def test_the_vq_fingerprint_sees_any_weight_and_only_the_weights():
     with torch.no_grad():
         b.vq.decoder.conv_out.bias[0] += 1e-6
     assert dn.vq_fingerprint(a.vq) != dn.vq_fingerprint(b.vq)
+
+
+def test_the_guide_and_patches_in_one_unet_call_equal_separate_calls():
+    """`joint_eps_fn`'s "guide+patches" call (the linear joint sampler's one UNet batch for the guide and the first
+    patch batch) gives each row the ε of its own call: the guide's context on row 0, the patches' after it."""
+    m = live_model()
+    g = torch.Generator().manual_seed(3)
+    guide_ctx, patch_ctx = torch.randn(1, 65, 32, generator=g), torch.randn(4, 65, 32, generator=g)
+    x = torch.randn(5, 3, 8, 8, generator=g)
+    t = torch.full((5,), 600)
+    fn = dn.joint_eps_fn(m, guide_ctx, patch_ctx, 2.0)
+    with torch.no_grad():
+        both = fn(x[:3], t[:3], "guide+patches", slice(1, 3))
+        apart = torch.cat([fn(x[:1], t[:1], "guide", None), fn(x[1:3], t[1:3], "patches", slice(1, 3))])
+        wrong = fn(x[1:3], t[1:3], "patches", slice(0, 2))        # other contexts: the comparison can fail
+    assert m.counter.unet == 2 * 3 + 2 * 3 + 2 * 2
+    torch.testing.assert_close(both, apart, rtol=1e-4, atol=1e-5)
+    assert (wrong - apart[1:]).abs().max() > 1e-2

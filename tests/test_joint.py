@@ -255,6 +255,14 @@ def test_cfg_joint_eps_fn_official_form():
     torch.testing.assert_close(fn(x, t, "patches", slice(1, 3)), torch.tensor([7.0, 10.0]).reshape(2, 1, 1, 1)
                                .expand(2, 1, 2, 2))
     torch.testing.assert_close(fn(x[:1], t[:1], "guide", None), torch.full((1, 1, 2, 2), 22.0))
+    # the guide and patches 1, 2 in one call: the guide's context on row 0, the patches' after it
+    x3, t3 = torch.ones(3, 1, 2, 2), torch.full((3,), 1000)
+    torch.testing.assert_close(fn(x3, t3, "guide+patches", slice(1, 3)),
+                               torch.tensor([22.0, 7.0, 10.0]).reshape(3, 1, 1, 1).expand(3, 1, 2, 2))
+    with pytest.raises(ValueError, match="no guide_context"):
+        cfg_joint_eps_fn(model_fn, None, pc, w=2.0)(x3, t3, "guide+patches", slice(1, 3))
+    with pytest.raises(ValueError, match="which must be"):
+        fn(x, t, "both", slice(1, 3))
 
 
 def test_callback_and_guide_image_range():

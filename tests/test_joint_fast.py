@@ -181,6 +181,35 @@ def test_linear_mode_counters(fixed):
     assert calls == {"dec": res.vq_decodes + res.final_vq_decodes, "enc": 0}
 
 
+@pytest.mark.parametrize("fixed", [False, True])
+def test_linear_mode_batches_the_guide_with_the_first_patch_batch(fixed):
+    """One model call per outer step for the guide and the first patch batch (which = "guide+patches", the
+    guide's row first), the other patch batches alone; the latents are those of separate calls (an ε that
+    splits every merged call into the guide's and the patches' own calls)."""
+    cfg = FastJointConfig(steps=3, inner_steps=1, patch_batch=3, constraint_mode="linear")
+    seen = []
+
+    def eps_fn(x, t, which, index):
+        seen.append((which, x.shape[0], index))
+        return aniso_eps(x, t, which, index)
+
+    def split_eps(x, t, which, index):     # the merged call as two: guide, then patches
+        if which != "guide+patches":
+            return aniso_eps(x, t, which, index)
+        return torch.cat([aniso_eps(x[:1], t[:1], "guide", None), aniso_eps(x[1:], t[1:], "patches", index)])
+
+    guide = torch.zeros(1, 3, 16, 16) if fixed else None
+    res = run_fast(cfg, eps_fn=eps_fn, guide_image=guide)
+    n = G * G
+    per_step = ([] if fixed else [("guide+patches", 4, slice(0, 3))]) + \
+               ([("patches", 3, slice(0, 3))] if fixed else []) + [("patches", 1, slice(3, 4))]
+    assert seen == per_step * cfg.steps
+    assert res.unet_forwards == cfg.steps * (2 * n + (0 if fixed else 2))
+    ref = run_fast(cfg, eps_fn=split_eps, guide_image=guide)
+    assert torch.equal(res.patch_latents, ref.patch_latents)
+    assert fixed or torch.equal(res.guide_latent, ref.guide_latent)
+
+
 def test_constraint_steps_limits_the_constraint_to_the_first_outer_steps():
     """constraint_steps = N: the first N outer steps are those of the full run (same latents after them), the
     rest unconstrained (no decode); N = 0 is the constraint-off run exactly."""

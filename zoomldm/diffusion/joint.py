@@ -23,9 +23,11 @@ Timesteps (§5.2): t = t0, t0 − stride, …, stride (t0 = 1000, stride = t0/st
 and the ᾱ used to form x̂0 is the official code's (inherited from the lab's earlier samplers); we keep it.
 
 The denoiser is a callable ``eps_fn(x, t, which, index) -> ε``:
-    x      latents (B, c, h, w) — the guide (B = 1) or any contiguous sub-batch of the patches;
+    x      latents (B, c, h, w) — the guide (B = 1), any contiguous sub-batch of the patches, or (which =
+           "guide+patches") the guide's row followed by such a sub-batch;
     t      LongTensor (B,) on x's device, the 1-based sampler timestep (what the UNet receives);
-    which  "guide" or "patches";
+    which  "guide", "patches" or "guide+patches" (only ``joint_fast``'s sampler makes such calls: the guide's
+           ε in the same model call as the first patch batch);
     index  ``slice`` of patch indices (row-major over the grid) that x holds, so the caller can pick each
            patch's context; None for the guide.
 It must already include classifier-free guidance (official form ε = (1 + w)·ε_c − w·ε_u, w = 2, i.e.
@@ -146,14 +148,16 @@ def cfg_joint_eps_fn(model_fn: ModelFn, guide_context: Tensor | None, patch_cont
     scale = scale_from_w(w)  # ε_u + s(ε_c − ε_u) with s = 1 + w is the same expression
 
     def eps_fn(x: Tensor, t: Tensor, which: str, index: slice | None) -> Tensor:
+        if which in ("guide", "guide+patches") and guide_context is None:
+            raise ValueError("cfg_joint_eps_fn: no guide_context was given")
         if which == "guide":
-            if guide_context is None:
-                raise ValueError("cfg_joint_eps_fn: no guide_context was given")
             ctx = guide_context
-        elif which == "patches":
+        elif which in ("patches", "guide+patches"):
             ctx = patch_contexts if index is None else patch_contexts[index]
+            if which == "guide+patches":                          # row 0 the guide, then the patches
+                ctx = torch.cat([guide_context, ctx])
         else:
-            raise ValueError(f"cfg_joint_eps_fn: which must be 'guide' or 'patches', got {which!r}")
+            raise ValueError(f"cfg_joint_eps_fn: which must be 'guide', 'patches' or 'guide+patches', got {which!r}")
         return cfg_eps_fn(model_fn, ctx, None, scale)(x, t)
     return eps_fn
 

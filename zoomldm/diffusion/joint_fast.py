@@ -58,6 +58,11 @@ latent of the averaged image, so a residual measured on latents misses most of t
 the real decoder quantises, so it is piecewise constant in x̂0 and a linear model of it mispredicts the
 change (demo: no better than the constraint off).
 
+The guide's ε comes from the same model call as the first patch batch (``eps_fn(..., "guide+patches", ...)``):
+one UNet batch of 2(1 + B) per outer step at 1024², instead of that batch less the guide plus a batch of 2 that
+launches every kernel of a forward for one image. Per item the ε is the same (up to the rounding of the batch
+shape), and so are the counts.
+
 Select with ``FastJointConfig(constraint_mode="linear")`` and call ``joint_sample(..., linear_vq=...)``, which
 falls back to the untouched reference ``joint_multiscale_sample`` for ``constraint_mode="reference"`` (or a
 plain JointConfig).
@@ -177,8 +182,14 @@ def joint_linear_sample(eps_fn: JointEpsFn, linear_vq: LinearVQ, decode: ImageFn
         inner = cfg.inner_steps if cfg.constraint and i < last else 0
         step = _Step.make(t, cfg.stride, schedule, cfg.stochastic)
         z = noise_fn(i, noise_shape).to(x_p.device) if cfg.stochastic else None  # (1+N, c, h, w)
+        first = None    # the first patch batch's ε, from the guide's model call
         if not fixed_guide:
-            eps_g = eps_fn(x_g, step.tvec(x_g), "guide", None)
+            # the guide in the same model call as the first patch batch: one UNet batch of 2(1 + B) instead of
+            # an extra batch of 2, which on a GPU costs the launches of a whole forward for one image (the
+            # eps_fn is batch-independent per item, so ε is the same up to the rounding of the batch shape)
+            sl0 = slice(0, min(cfg.patch_batch, n))
+            x_both = torch.cat([x_g, x_p[sl0]])
+            eps_g, first = eps_fn(x_both, step.tvec(x_both), "guide+patches", sl0).split([1, sl0.stop])
             unet += fpc
             if inner:
                 image_g = decode(step.x0_hat(x_g, eps_g)).clamp(-1, 1)       # (1, 3, P, P)
@@ -191,7 +202,7 @@ def joint_linear_sample(eps_fn: JointEpsFn, linear_vq: LinearVQ, decode: ImageFn
         for start in range(0, n, cfg.patch_batch):
             sl = slice(start, min(start + cfg.patch_batch, n))
             x = x_p[sl]
-            eps = eps_fn(x, step.tvec(x), "patches", sl)
+            eps = first if start == 0 and first is not None else eps_fn(x, step.tvec(x), "patches", sl)
             unet += fpc * x.shape[0]
             x0 = step.x0_hat(x, eps)
             fn = decode if every == 1 else partial(_anchored_decode if real else _surrogate_decode,
