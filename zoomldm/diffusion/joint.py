@@ -157,7 +157,8 @@ def cfg_joint_eps_fn(model_fn: ModelFn, guide_context: Tensor | None, patch_cont
             if which == "guide+patches":                          # row 0 the guide, then the patches
                 ctx = torch.cat([guide_context, ctx])
         else:
-            raise ValueError(f"cfg_joint_eps_fn: which must be 'guide', 'patches' or 'guide+patches', got {which!r}")
+            raise ValueError("cfg_joint_eps_fn: which must be 'guide', 'patches' or 'guide+patches', "
+                             f"got {which!r}")
         return cfg_eps_fn(model_fn, ctx, None, scale)(x, t)
     return eps_fn
 
