@@ -18,8 +18,11 @@ run A's kernel cache):
     python bench/run_all.py --out $OUT --only VQ cut patches "UNet compile" patches --budget 500
     python bench/run_all.py --out $OUT --only VQ cut "UNet compile" cut --budget 310
 
-Not run on a GPU yet: `--only VQ cut profile` (~2 min), the operator table of one 1024² image of the cut, which
-would say where its eager-UNet time goes (2.2 s in both runs, 1.9-2.0 s in the sixth session on another H100).
+Not run on a GPU yet (~6 min): the operator table of one 1024² image of the cut with the GPU's busy time against the
+wall time (where its eager-UNet time goes: 2.2 s in both runs, 1.9-2.0 s in the sixth session on another H100),
+and the UNet compiled for one batch shape (against the samplers' dynamic-shape graph's 0.80 ms per sample-forward):
+
+    python bench/run_all.py --out $OUT --only VQ cut profile "UNet compile static" --budget 450
 
 Rows: ms per UNet sample-forward at batch 34 and 128 (bf16 autocast, channels-last, eager and torch.compile);
 ms per VQ decode of one patch (fp32, bf16, compiled bf16) and of its codebook search alone; patch images/s at
@@ -343,6 +346,7 @@ def profile_rows(m, device, d, out, smoke):
     c = FastJointConfig(steps=2 if smoke else 20, inner_steps=cut.inner_steps, patch_batch=cut.patch_batch,
                         constraint_mode="linear", decode_every=2 if smoke else 3)
     large_once(m, device, 4, c, lin, half_stride(h), guide_ctx, patch_ctx)                # warm-up
+    _, s_sample, s_blend, _ = large_once(m, device, 4, c, lin, half_stride(h), guide_ctx, patch_ctx)  # unprofiled
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         large_once(m, device, 4, c, lin, half_stride(h), guide_ctx, patch_ctx)
@@ -354,9 +358,17 @@ def profile_rows(m, device, d, out, smoke):
     def self_time(e) -> float:      # seconds of the operator itself (not its children)
         names = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
         return next((getattr(e, n) for n in names if hasattr(e, n)), 0) / 1e6
-    for e in sorted(prof.key_averages(), key=self_time, reverse=True)[:4]:
+    events = prof.key_averages()
+    for e in sorted(events, key=self_time, reverse=True)[:4]:
         row(f"profile 1024² linear K = 1, decode_every {c.decode_every}", e.key[:60], f"{self_time(e):.2f} s self",
             f"{e.count} calls", out)
+    if cuda:        # the GPU's busy time: the kernels' own intervals (one stream), against the unprofiled wall time
+        from torch.autograd import DeviceType
+        busy = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
+        launches = sum(e.count for e in events if "LaunchKernel" in e.key)
+        row(f"profile 1024² linear K = 1, decode_every {c.decode_every}", "GPU busy / wall (unprofiled run)",
+            f"{busy:.2f} s / {s_sample + s_blend:.2f} s", f"{launches:,} kernel launches; where busy < wall, the "
+            "rest is host time between kernels", out, busy_s=busy, wall_s=s_sample + s_blend, launches=launches)
 
 
 def train_rows(device, preset, out, batch=64, steps=10):
