@@ -390,6 +390,8 @@ def main() -> None:
                     help="Images per patch-sampling batch (the UNet batch is twice this: CFG).")
     args = ap.parse_args()
     unknown = [n for n in args.only or [] if n not in SECTIONS]
+    if args.patch_images < 1:
+        ap.error(f"--patch-images: must be ≥ 1, got {args.patch_images}")
     if unknown:
         ap.error(f"--only: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
     args.out.mkdir(parents=True, exist_ok=True)
