@@ -26,12 +26,13 @@ and the UNet compiled for one batch shape (against the samplers' dynamic-shape g
 
 Rows: ms per UNet sample-forward at batch 34 and 128 (bf16 autocast, channels-last, eager and torch.compile);
 ms per VQ decode of one patch (fp32, bf16, compiled bf16) and of its codebook search alone; patch images/s at
-50 DDIM steps + CFG (batch 64, bf16 VQ decode), without and with DeepCache feature reuse (`sample.patches.cache_every`),
-with the share of the UNet FLOPs each runs; seconds per 1024² and 4096² image for the reference joint
-algorithm and for the linear cut with the settings of `sample.large.cut` (the real VQ decode in the residual only
-in every 3rd of the 20 outer steps, as the paper configs' `decode_every`; in all of them; and with the constraint on
-the first 14 of 20 only), with their UNet sample-forwards and VQ passes; training samples/s (UNet + Summarizer, AdamW,
-bf16, batch 64). Random weights: time does not depend on them.
+50 DDIM steps + CFG (batch 64, bf16 VQ decode), without and with DeepCache feature reuse
+(`sample.patches.cache_every`; at N = 5 also with the forecast, `cache_forecast`), with the share of the UNet
+FLOPs each runs; seconds per 1024² and 4096² image for the reference joint algorithm and for the linear cut
+with the settings of `sample.large.cut` (the real VQ decode in the residual only in every 3rd of the 20 outer
+steps, as the paper configs' `decode_every`; in all of them; and with the constraint on the first 14 of 20 only),
+with their UNet sample-forwards and VQ passes; training samples/s (UNet + Summarizer, AdamW, bf16, batch 64).
+Random weights: time does not depend on them.
 
 The reference algorithm is timed on its first `--ref-steps` outer steps of a 1024² image and scaled to 20
 (every outer step does the same work), and its 4096² time is that per-patch cost × 257/17 (the work is linear
@@ -169,11 +170,12 @@ def vq_rows(m, device, out, compile_vq=False):
         raise
 
 
-def patch_rows(m, device, d, out, n=64, steps=50, caches=((1, 0), (2, 0), (3, 0), (5, 0))):
-    """Patch images/s at `steps` DDIM steps + CFG s = 1.75, batch `n`, for each DeepCache setting (every, branch)
-    of `caches` ((1, 0): off, the reference), with the share of the reference's UNet FLOPs each one runs (counted
-    on the meta device). Each setting has a 5-step warm-up first: it compiles the shallow branch where the UNet is
-    compiled."""
+def patch_rows(m, device, d, out, n=64, steps=50,
+               caches=((1, 0, False), (2, 0, False), (3, 0, False), (5, 0, False), (5, 0, True))):
+    """Patch images/s at `steps` DDIM steps + CFG s = 1.75, batch `n`, for each DeepCache setting (every, branch,
+    forecast) of `caches` ((1, 0, False): off, the reference; forecast: the extrapolated feature, same FLOPs as
+    reuse), with the share of the reference's UNet FLOPs each one runs (counted on the meta device). Each setting
+    has a 5-step warm-up first: it compiles the shallow branch where the UNet is compiled."""
     from unet_forward import gflop_per_sample
     g = torch.Generator().manual_seed(0)
     ctx = torch.randn(n, 65, d, generator=g).to(device)
@@ -182,23 +184,24 @@ def patch_rows(m, device, d, out, n=64, steps=50, caches=((1, 0), (2, 0), (3, 0)
     full_gflop = gflop_per_sample(m.unet, side, cdim)
     nets = "compiled UNet" if m.unet_fn is not None else "eager UNet"
 
-    def run(k, every, branch):
+    def run(k, every, branch, forecast):
         with dn.autocast(device, "auto", "patches"):
             x_T = randn_items(0, range(n), (3, m.latent_side, m.latent_side), device)
-            lat = ddim_sample(dn.patch_eps_fn(m, ctx, 1.75, every, branch), x_T, m.schedule, k)
+            lat = ddim_sample(dn.patch_eps_fn(m, ctx, 1.75, every, branch, forecast), x_T, m.schedule, k)
             return m.decode(lat)
-    for every, branch in caches:
-        run(5, every, branch)                                                 # warm-up (and compile)
+    for every, branch, forecast in caches:
+        run(5, every, branch, forecast)                                       # warm-up (and compile)
         m.counter = dn.Counter()
-        _, s = timed(lambda e=every, b=branch: run(steps, e, b), device)
+        _, s = timed(lambda e=every, b=branch, f=forecast: run(steps, e, b, f), device)
         c = m.counter
         shallow = gflop_per_sample(m.unet, side, cdim, branch) if every > 1 else 0.0
         share = (c.unet * full_gflop + c.unet_cached * shallow) / ((c.unet + c.unet_cached) * full_gflop)
-        setting = ("no cache (reference)" if every == 1 else f"DeepCache every {every}, branch {branch}")
+        setting = ("no cache (reference)" if every == 1 else
+                   f"DeepCache every {every}, branch {branch}{', forecast' if forecast else ''}")
         row("patch sampling", f"{n} images, {steps} DDIM steps + CFG, bf16, {nets}, {setting}",
             f"{n / s:.1f} images/s", f"{c.unet:,} whole + {c.unet_cached:,} shallow sample-forwards, "
             f"{100 * share:.0f}% of the reference's UNet FLOPs", out, images_per_s=n / s, cache_every=every,
-            cache_branch=branch, flop_share=share)
+            cache_branch=branch, cache_forecast=forecast, flop_share=share)
 
 
 def contexts(d: int, device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

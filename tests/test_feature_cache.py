@@ -1,6 +1,6 @@
 """DeepCache feature reuse in patch sampling (issue #8's patch cut): the call schedule of
 `feature_cache_model_fn`, its wiring through `LatentModel.cached_model_fn` (counts, eager and compiled), and
-`sample_patch_latents` with `cache_every`."""
+`sample_patch_latents` with `cache_every`; the first-order forecast of the cached feature (`cache_forecast`)."""
 from __future__ import annotations
 
 import pytest
@@ -8,6 +8,7 @@ import torch
 from test_fast_path import CountingBackend, fresh_dynamo, live_model  # noqa: F401  (fixture re-used)
 
 from zoomldm.diffusion import cfg_eps_fn, ddim_sample, feature_cache_model_fn, plms_sample, randn_items
+from zoomldm.diffusion.cache import extrapolate
 from zoomldm.sampling import denoisers as dn
 
 
@@ -48,6 +49,45 @@ def test_a_batch_that_does_not_fit_the_cache_runs_the_whole_network_and_bad_ever
             feature_cache_model_fn(full, shallow, bad)
 
 
+def test_extrapolate_is_the_line_through_both_features_per_item():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    line = lambda t: a + b * t.float().view(-1, 1, 1, 1)                 # a feature exactly linear in t
+    t0, t1 = torch.tensor([980, 980, 500]), torch.tensor([900, 960, 400])
+    t = torch.tensor([840, 900, 380])
+    torch.testing.assert_close(extrapolate(line(t1), t1, line(t0), t0, t), line(t))
+    same = torch.tensor([900, 960, 400])                                  # t₁ = t₀ (PLMS): plain reuse, no nan
+    out = extrapolate(line(t1), t1, line(t0), same, t)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, line(t1))
+    half = extrapolate(line(t1).half(), t1, line(t0).half(), t0, t)       # the feature's dtype is kept
+    assert half.dtype == torch.float16
+
+
+@pytest.mark.parametrize("every", [2, 3])
+def test_forecast_extrapolates_from_the_last_two_full_calls(every):
+    """deep = 1000 + t is linear in t, so the forecast is exact from the second full call on (the shallow ε reads
+    t back); before it the shallow calls reuse the first feature; the schedule itself is unchanged."""
+    calls, full, shallow = recorder()
+    fn = feature_cache_model_fn(full, shallow, every, forecast=True)
+    x, c = torch.zeros(2, 1), torch.zeros(2, 1)
+    ts = [1000 - 20 * k for k in range(9)]
+    outs = [fn(x, torch.full((2,), t), c)[0, 0].item() for t in ts]
+    assert [kind for kind, _ in calls] == ["full" if k % every == 0 else "shallow" for k in range(9)]
+    # full: its own t; shallow with one full call so far: reuse of the first; after: the forecast, exactly its t
+    want = [t if k % every == 0 else (ts[0] if k < every else t) + 0.5 for k, t in enumerate(ts)]
+    assert outs == want
+
+
+def test_forecast_restarts_when_the_batch_changes():
+    _, full, shallow = recorder()
+    fn = feature_cache_model_fn(full, shallow, 2, forecast=True)
+    c = torch.zeros(1)
+    fn(torch.zeros(2, 1), torch.full((2,), 900), c)
+    fn(torch.zeros(4, 1), torch.full((4,), 880), c)                       # another batch: full, no line yet
+    assert fn(torch.zeros(4, 1), torch.full((4,), 860), c)[0, 0].item() == 880.5
+
+
 @torch.no_grad()
 def test_cached_model_fn_counts_and_matches_the_unet_pair():
     m = live_model()
@@ -86,6 +126,44 @@ def test_sample_patch_latents_with_the_cache_off_is_the_reference_and_on_runs_fe
     hand = ddim_sample(cfg_eps_fn(feature_cache_model_fn(
         lambda x, t, c: m.unet.forward_caching(x, t, c, 0),
         lambda x, t, c, d: m.unet.forward_cached(x, t, c, d, 0), 3), ctx, None, 1.75), x_T, m.schedule, steps)
+    torch.testing.assert_close(on, hand, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_the_forecast_feeds_the_shallow_branch_the_extrapolated_feature_of_the_live_unet():
+    m = live_model()
+    g = torch.Generator().manual_seed(8)
+    ctx = torch.randn(2, 5, 32, generator=g)
+    xs = [torch.randn(2, 3, 8, 8, generator=g) for _ in range(3)]
+    ts = [torch.full((2,), t) for t in (900, 880, 860)]
+    fn = m.cached_model_fn(2, branch=1, forecast=True)
+    got = [fn(x, t, ctx) for x, t in zip(xs, ts)]
+    _, d0 = m.unet.forward_caching(xs[0], ts[0], ctx, 1)
+    e2, d2 = m.unet.forward_caching(xs[2], ts[2], ctx, 1)
+    torch.testing.assert_close(got[2], e2, rtol=0, atol=0)
+    x3, t3 = xs[0] * 0.5, torch.full((2,), 840)                           # shallow, on the line through d0, d2
+    want = m.unet.forward_cached(x3, t3, ctx, d2 + (d2 - d0) * (840 - 860) / (860 - 900), 1)
+    torch.testing.assert_close(fn(x3, t3, ctx), want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(want, m.unet.forward_cached(x3, t3, ctx, d2, 1))   # the forecast matters here
+    assert (m.counter.unet, m.counter.unet_cached) == (4, 4)
+
+
+@torch.no_grad()
+def test_sample_patch_latents_with_the_forecast_is_the_hand_run_and_not_plain_reuse():
+    m = live_model()
+    ctx = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(4))
+    reuse = dn.sample_patch_latents(m, ctx, [0, 1, 2], seed=7, steps=7, sampler="ddim", cache_every=3)
+    counts = (m.counter.unet, m.counter.unet_cached)
+    m.counter = dn.Counter()
+    on = dn.sample_patch_latents(m, ctx, [0, 1, 2], seed=7, steps=7, sampler="ddim", cache_every=3,
+                                 cache_forecast=True)
+    assert (m.counter.unet, m.counter.unet_cached) == counts                     # the same FLOPs
+    assert not torch.allclose(on, reuse)
+    x_T = randn_items(7, [0, 1, 2], (3, 8, 8), m.device)
+    hand = ddim_sample(cfg_eps_fn(feature_cache_model_fn(
+        lambda x, t, c: m.unet.forward_caching(x, t, c, 0),
+        lambda x, t, c, d: m.unet.forward_cached(x, t, c, d, 0), 3, forecast=True), ctx, None, 1.75),
+        x_T, m.schedule, 7)
     torch.testing.assert_close(on, hand, rtol=0, atol=0)
 
 

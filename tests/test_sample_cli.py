@@ -113,9 +113,10 @@ def test_patch_shards_manifest_and_batch_size_independence(env, tmp_path):
     pd.testing.assert_frame_equal(manifest, outs[3][1])
 
 
-def test_patch_feature_cache_is_recorded_changes_the_images_and_checks_its_branch(env, tmp_path):
-    """`--cache-every` (DeepCache, issue #8's patch cut) changes the images (the shallow branch really runs), the
-    manifest records it, and a branch the UNet does not have is one line."""
+def test_patch_feature_cache_is_recorded_changes_the_images_and_checks_its_branch(env, tmp_path, monkeypatch):
+    """`--cache-every` (DeepCache, issue #8's patch cut) changes the images (the shallow branch really runs),
+    `--cache-forecast` reaches the cache, the manifest records both, and a branch the UNet does not have is one
+    line."""
     from zoomldm.sampling.io import read_patch_set
     base = ["patches", "--config", env["config"], "--ckpt", env["ckpt"], "--mag", "5x", "--n", 2, "--steps", 5,
             "--no-progress"]
@@ -124,8 +125,16 @@ def test_patch_feature_cache_is_recorded_changes_the_images_and_checks_its_branc
     ref, ref_manifest = read_patch_set(tmp_path / "ref")
     cached, manifest = read_patch_set(tmp_path / "cached")
     assert (ref_manifest["cache_every"] == 1).all() and (manifest["cache_every"] == 3).all()
-    assert (manifest["cache_branch"] == 1).all()
+    assert (manifest["cache_branch"] == 1).all() and not manifest["cache_forecast"].any()
     assert not np.array_equal(ref, cached)
+    # the forecast reaches the cache (its images can equal the reuse's here: the VQ snaps small latent changes)
+    from zoomldm.sampling import denoisers as dn
+    seen = []
+    real = dn.feature_cache_model_fn
+    monkeypatch.setattr(dn, "feature_cache_model_fn", lambda *a, **k: seen.append(a[2:]) or real(*a, **k))
+    ok(run(*base, "--out", tmp_path / "forecast", "--cache-every", 3, "--cache-branch", 1, "--cache-forecast"))
+    assert seen and all(a == (3, True) for a in seen)
+    assert read_patch_set(tmp_path / "forecast")[1]["cache_forecast"].all()
     _one_line_error(run(*base, "--out", tmp_path / "bad", "--cache-branch", 9), "--cache-branch 9", "branches 0..1")
     assert not (tmp_path / "bad" / "images-00000.npy").exists()
 

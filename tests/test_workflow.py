@@ -122,7 +122,7 @@ def test_released_weights_replace_training_in_the_plan(tmp_path):
 
 def test_the_deepcache_variant_samples_every_patch_magnification_beside_the_reference(tmp_path):
     """sample.patches.deepcache_variant: N adds the zoomldm_cached patch sets (store conditioning, every patch
-    magnification, `--cache-every N`), sampled shard by shard and FID-evaluated like the reference's; no other
+    magnification, `--cache-every N` and the forecast flag), sampled shard by shard and FID-evaluated like the reference's; no other
     patch job gets the flag."""
     slides = tmp_path / "slides"
     slides.mkdir()
@@ -133,6 +133,7 @@ def test_the_deepcache_variant_samples_every_patch_magnification_beside_the_refe
     cfg["eval"]["mil"]["labels"] = str(tmp_path / "labels.csv")
     (tmp_path / "labels.csv").write_text("slide,label\n")
     cfg["sample"]["patches"]["deepcache_variant"] = 3
+    cfg["sample"]["patches"]["cache_forecast"] = True
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     res = _run(["-n", "-p", "--configfile", str(path)], cwd=tmp_path)
@@ -146,7 +147,7 @@ def test_the_deepcache_variant_samples_every_patch_magnification_beside_the_refe
     cached = [l for l in out.splitlines() if "sample patches" in l and "/zoomldm_cached/" in l]
     # one job per shard and the merge job of each magnification
     assert len(cached) == len(mags) * (shards + 1)
-    assert all("--cache-every 3 --cache-branch 0 " in l and "--cond store" in l for l in cached)
+    assert all("--cache-every 3 --cache-branch 0 --cache-forecast " in l and "--cond store" in l for l in cached)
     assert out.count("--cache-every") == len(cached)
     assert all(f"resources/samples/brca/patches/zoomldm_cached/store/{m}" in out for m in mags)
     assert sum(f"results/metrics/fid/zoomldm_cached/store/{m}.json" in out for m in mags) == len(mags)

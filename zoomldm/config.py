@@ -196,6 +196,9 @@ class PatchSampleConfig:
     # deep features of the last whole one. 1: off, the official protocol
     cache_every: int = 1
     cache_branch: int = 0
+    # with cache_every > 1: extrapolate the cached deep feature from the last two whole evaluations (first order,
+    # TaylorSeer, arXiv 2503.06923) instead of reusing it; same FLOPs, closer to the reference (bench/RESULTS.md)
+    cache_forecast: bool = False
     # N ≥ 2: the workflow also samples ZoomLDM (store conditioning, every patch magnification) with cache_every N on
     # the reference's seeds and conditions, variant `zoomldm_cached`, and tables its FID beside the reference's
     deepcache_variant: int | None = None

@@ -62,11 +62,13 @@ if _S.patches.cache_every != 1:
         "with the paper; set sample.patches.deepcache_variant to sample DeepCache beside them (cache_every is the "
         "default of a standalone `zoomldm sample patches`)"
     )
-# The cache keys reach only the variant's jobs, as flags: turning the variant on or off, or changing its branch,
-# reruns no other patch job.
-_PATCH_CACHE_KEYS = [f"sample.patches.{k}" for k in ("deepcache_variant", "cache_every", "cache_branch")]
+# The cache keys reach only the variant's jobs, as flags: turning the variant on or off, or changing its branch or
+# forecast, reruns no other patch job.
+_PATCH_CACHE_KEYS = [f"sample.patches.{k}" for k in ("deepcache_variant", "cache_every", "cache_branch",
+                                                      "cache_forecast")]
 _patch_cfg = section("sample.seed", "sample.patches", drop=_PATCH_CACHE_KEYS)
-_cache_opt = lambda wc: (f"--cache-every {_S.patches.deepcache_variant} --cache-branch {_S.patches.cache_branch}"
+_cache_opt = lambda wc: (f"--cache-every {_S.patches.deepcache_variant} --cache-branch {_S.patches.cache_branch} "
+                         f"--{'' if _S.patches.cache_forecast else 'no-'}cache-forecast"
                          if wc.model == "zoomldm_cached" else "")
 _cdm_input = lambda wc: [_CDM] if getattr(wc, "cond", _S.large.cond) == "cdm" else []
 

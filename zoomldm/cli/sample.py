@@ -94,11 +94,14 @@ def sample() -> None:
                    "[sample.patches.cache_every].")
 @click.option("--cache-branch", type=click.IntRange(min=0), default=None,
               help="DeepCache shallow branch, 0 .. the UNet's num_res_blocks [sample.patches.cache_branch].")
+@click.option("--cache-forecast/--no-cache-forecast", default=None,
+              help="DeepCache: extrapolate the cached deep feature from the last two whole evaluations instead of "
+                   "reusing it (first-order, TaylorSeer-style) [sample.patches.cache_forecast].")
 @click.option("--shard", type=click.IntRange(min=0), default=None,
               help="Write only this shard (one Snakemake job); without it: every missing shard, then manifest.")
 @_common
 def patches(ckpt, cond, cdm_ckpt, vq_path, mag, n, batch_size, steps, cfg_scale, cdm_steps, shard_size, cache_every,
-            cache_branch, shard, out, config_path, store_path, seed, device, precision, progress) -> None:
+            cache_branch, cache_forecast, shard, out, config_path, store_path, seed, device, precision, progress) -> None:
     """A patch set of one magnification: images-KKKKK.npy shards (uint8) + manifest.parquet."""
     from zoomldm.sampling.io import PatchShards
     cfg = _config(config_path)
@@ -114,15 +117,16 @@ def patches(ckpt, cond, cdm_ckpt, vq_path, mag, n, batch_size, steps, cfg_scale,
                              seed=_pick(seed, sc.seed), batch=_pick(batch_size, pc.batch_size),
                              steps=_pick(steps, pc.plms_steps), scale=_pick(cfg_scale, pc.cfg_scale),
                              cdm_steps=_pick(cdm_steps, pc.cdm_steps), cache_every=_pick(cache_every, pc.cache_every),
-                             cache_branch=_pick(cache_branch, pc.cache_branch), device=_pick(device, sc.device),
+                             cache_branch=_pick(cache_branch, pc.cache_branch),
+                             cache_forecast=_pick(cache_forecast, pc.cache_forecast), device=_pick(device, sc.device),
                              precision=_pick(precision, sc.precision), progress=progress)
     if shard is None:
         click.echo(f"{shards.merge_manifest()}: {shards.n} images")
 
 
 def _sample_patch_shards(shards, todo, ckpt, cond, cdm_ckpt, vq_path, mag, cfg, config_path, store_path, *,
-                         seed, batch, steps, scale, cdm_steps, cache_every, cache_branch, device, precision,
-                         progress) -> None:
+                         seed, batch, steps, scale, cdm_steps, cache_every, cache_branch, cache_forecast, device,
+                         precision, progress) -> None:
     import torch
     from tqdm.auto import tqdm
 
@@ -176,7 +180,7 @@ def _sample_patch_shards(shards, todo, ckpt, cond, cdm_ckpt, vq_path, mag, cfg, 
                     ctx = dn.sample_cdm_contexts(cdm, len(idx), mg.index, dn.stream_seed(seed, "patches-cdm",
                                                  mg.name), cdm_steps, indices=idx, batch_size=len(idx))
                 latents = dn.sample_patch_latents(m, ctx, idx, x_seed, steps, scale, cache_every=cache_every,
-                                                  cache_branch=cache_branch)
+                                                  cache_branch=cache_branch, cache_forecast=cache_forecast)
                 images = to_uint8(m.decode(latents))
             meta = []
             for i, r in zip(idx, rows):
@@ -186,7 +190,7 @@ def _sample_patch_shards(shards, todo, ckpt, cond, cdm_ckpt, vq_path, mag, cfg, 
                              "x": -1 if rec is None else int(rec["x"]), "y": -1 if rec is None else int(rec["y"]),
                              "store_row": int(r), "model": str(ckpt), "model_kind": m.kind,
                              "steps": steps, "cfg_scale": scale, "cache_every": cache_every,
-                             "cache_branch": cache_branch})
+                             "cache_branch": cache_branch, "cache_forecast": cache_forecast})
             shards.write_batch(s, idx, images, meta)
             bar.update(len(idx))
         shards.finish_shard(s)

@@ -112,9 +112,10 @@ class LatentModel:
             return self.unet(x, t, context)
         return self._whole_unet(x, t, context, 0)[0]
 
-    def cached_model_fn(self, every: int = 1, branch: int = 0):
+    def cached_model_fn(self, every: int = 1, branch: int = 0, forecast: bool = False):
         """`model_fn` with DeepCache feature reuse (`zoomldm.diffusion.cache`): every `every`-th call runs the whole
-        UNet, the calls in between only its shallow branch `branch` (`UNet.forward_cached`). `every = 1` is
+        UNet, the calls in between only its shallow branch `branch` (`UNet.forward_cached`) on the cached deep
+        feature, or with `forecast` on its first-order extrapolation from the last two whole calls. `every = 1` is
         `model_fn` itself. Stateful: one per sampling run. Counts full calls in `counter.unet` and shallow ones in
         `counter.unet_cached`."""
         if every == 1:
@@ -126,7 +127,8 @@ class LatentModel:
             if self.unet_cached_fn is None:
                 return self.unet.forward_cached(x, t, context, deep, branch)
             return self.unet_cached_fn(x.contiguous(memory_format=torch.channels_last), t, context, deep, branch)
-        return feature_cache_model_fn(lambda x, t, context: self._whole_unet(x, t, context, branch), shallow, every)
+        return feature_cache_model_fn(lambda x, t, context: self._whole_unet(x, t, context, branch), shallow, every,
+                                      forecast)
 
     def _vq_autocast(self, device: torch.device):
         return torch.autocast(device.type, dtype=self.vq_dtype or torch.float32, enabled=self.vq_dtype is not None)
@@ -469,11 +471,11 @@ def context_from_store(summarizer: Summarizer, store, mag: str | int, indices: S
 # Guided denoisers
 
 def patch_eps_fn(m: ZoomLDM, context: torch.Tensor, scale: float = 1.75, cache_every: int = 1,
-                 cache_branch: int = 0):
+                 cache_branch: int = 0, cache_forecast: bool = False):
     """eps_fn(x_t, t) with CFG in the standard form s (official CDM-FID PLMS sampler: s = 1.75); with
-    `cache_every` > 1 the UNet reuses its deep features between full evaluations (`LatentModel.cached_model_fn`):
-    one eps_fn per sampling run."""
-    return cfg_eps_fn(m.cached_model_fn(cache_every, cache_branch), context, None, scale)
+    `cache_every` > 1 the UNet reuses its deep features between full evaluations, extrapolated with
+    `cache_forecast` (`LatentModel.cached_model_fn`): one eps_fn per sampling run."""
+    return cfg_eps_fn(m.cached_model_fn(cache_every, cache_branch, cache_forecast), context, None, scale)
 
 
 def joint_eps_fn(m: ZoomLDM, guide_ctx: torch.Tensor | None, patch_ctx: torch.Tensor,
@@ -518,14 +520,14 @@ def sample_cdm_contexts(cdm: ConditionDiT, n: int, mag: int, seed: int, steps: i
 @torch.no_grad()
 def sample_patch_latents(m: ZoomLDM, context: torch.Tensor, indices: Sequence[int], seed: int,
                          steps: int = 50, scale: float = 1.75, sampler: str = "plms", cache_every: int = 1,
-                         cache_branch: int = 0) -> torch.Tensor:
+                         cache_branch: int = 0, cache_forecast: bool = False) -> torch.Tensor:
     """Latents (N, 3, h, h) of items `indices`: x_T from item i of stream `seed`, then PLMS (default) or
-    DDIM η = 0 with CFG s = `scale` (standard form), the UNet's deep features reused between every
-    `cache_every`-th evaluation (1: off; `patch_eps_fn`). `m`: a ZoomLDM or any `LatentModel` with a `schedule`
-    (the Graikos patch LDM)."""
+    DDIM η = 0 with CFG s = `scale` (standard form), the UNet's deep features reused (or, with `cache_forecast`,
+    extrapolated) between every `cache_every`-th evaluation (1: off; `patch_eps_fn`). `m`: a ZoomLDM or any
+    `LatentModel` with a `schedule` (the Graikos patch LDM)."""
     c = m.unet.config
     x_T = randn_items(seed, indices, (c.in_channels, c.image_size, c.image_size), m.device)
-    eps_fn = patch_eps_fn(m, context.to(m.device), scale, cache_every, cache_branch)
+    eps_fn = patch_eps_fn(m, context.to(m.device), scale, cache_every, cache_branch, cache_forecast)
     if sampler == "plms":
         return plms_sample(eps_fn, x_T, m.schedule, steps)
     return ddim_sample(eps_fn, x_T, m.schedule, steps)
