@@ -18,11 +18,12 @@ run A's kernel cache):
     python bench/run_all.py --out $OUT --only VQ cut patches "UNet compile" patches --budget 500
     python bench/run_all.py --out $OUT --only VQ cut "UNet compile" cut --budget 310
 
-Not run on a GPU yet (~6 min): the operator table of one 1024² image of the cut with the GPU's busy time against the
+Not run on a GPU yet (~7 min): the operator table of one 1024² image of the cut with the GPU's busy time against the
 wall time (where its eager-UNet time goes: 2.2 s in both runs, 1.9-2.0 s in the sixth session on another H100),
-and the UNet compiled for one batch shape (against the samplers' dynamic-shape graph's 0.80 ms per sample-forward):
+patch sampling with DeepCache's forecast feature (`cache_forecast`, the ninth session's), and the UNet compiled for
+one batch shape (against the samplers' dynamic-shape graph's 0.80 ms per sample-forward):
 
-    python bench/run_all.py --out $OUT --only VQ cut profile "UNet compile static" --budget 450
+    python bench/run_all.py --out $OUT --only VQ cut profile patches "UNet compile static" --budget 480
 
 Rows: ms per UNet sample-forward at batch 34 and 128 (bf16 autocast, channels-last, eager and torch.compile);
 ms per VQ decode of one patch (fp32, bf16, compiled bf16) and of its codebook search alone; patch images/s at
