@@ -20,7 +20,7 @@ is shifted by one from there on; the demo's quality numbers were measured so (be
 ``deep₁ + (deep₁ − deep₀)·(t − t₁)/(t₁ − t₀)``, the line through the deep features of the last two full calls
 (timesteps t₁, t₀), per item; before the second full call, or where t₁ = t₀ (PLMS's double evaluation), it is
 plain reuse. It costs one more cached feature and one elementwise op per shallow call, reads the timesteps on the
-device (no sync), and on the demo model cut the cached images' distance to the reference's by ~40% at the same
+device (no sync), and on the demo model cut the cached images' distance to the reference's by 35–50% at the same
 FLOPs (bench/RESULTS.md, "ninth session").
 """
 from __future__ import annotations
