@@ -8,9 +8,9 @@
 Sections (default order): "UNet eager", cut, "UNet compile", VQ, patches, large, diag, profile, training; `--only`
 runs the named ones in the order it names them, and also runs the opt-in "UNet compile static" (the UNet compiled
 for batch 128 alone: whether the samplers' dynamic-shape graph leaves speed behind). "cut" times the cut's paper
-setting (1 real decode in every 3 steps) at 1024² and 4096² on the networks compiled so far. Without --no-compile, "UNet compile" compiles the UNet
-(255-320 s on an H100) and VQ compiles the decoder (~17-25 s); every later section then samples with them (rows say
-"compiled"). The issue-8 rows on one H100 (2026-11-27, eighth session; bench/RESULTS.md), run A (~8 min: the
+setting (1 real decode in every 3 steps) at 1024² and 4096² on the networks compiled so far. Without --no-compile,
+"UNet compile" compiles the UNet (255-320 s on an H100) and VQ compiles the decoder (~17-25 s); every later section
+then samples with them (rows say "compiled"). The issue-8 rows on one H100 (2026-11-27, eighth session; bench/RESULTS.md), run A (~8 min: the
 VQ and the cut's rows, patch sampling without and with DeepCache on the eager UNet, then on the compiled one) and,
 on the same warm machine, run B (~3 min: the cut's rows on the eager and then on the compiled UNet, compiled from
 run A's kernel cache):
