@@ -7,7 +7,7 @@
 
 Sections (default order): "UNet eager", cut, "UNet compile", VQ, patches, large, diag, profile, training; `--only`
 runs the named ones in the order it names them, and also runs the opt-in "UNet compile static" (the UNet compiled
-for batch 128 alone: whether the samplers' dynamic-shape graph leaves speed behind). "cut" times the cut's paper
+per batch shape, `sample.compile: static`; the later sections sample with it). "cut" times the cut's paper
 setting (1 real decode in every 3 steps) at 1024² and 4096² on the networks compiled so far. Without --no-compile,
 "UNet compile" compiles the UNet (255-320 s on an H100) and VQ compiles the decoder (~17-25 s); every later section
 then samples with them (rows say "compiled"). The issue-8 rows on one H100 (2026-11-27, eighth session; bench/RESULTS.md), run A (~8 min: the
@@ -18,14 +18,21 @@ run A's kernel cache):
     python bench/run_all.py --out $OUT --only VQ cut patches "UNet compile" patches --budget 500
     python bench/run_all.py --out $OUT --only VQ cut "UNet compile" cut --budget 310
 
-Not run on a GPU yet (~7 min): the operator table of one 1024² image of the cut with the GPU's busy time against the
-wall time (where its eager-UNet time goes: 2.2 s in both runs, 1.9-2.0 s in the sixth session on another H100),
-patch sampling with DeepCache's forecast feature (`cache_forecast`, the ninth session's), and the UNet compiled for
-one batch shape (against the samplers' dynamic-shape graph's 0.80 ms per sample-forward):
+The tenth session's (2026-11-27, one H100; bench/RESULTS.md): the operator table of one 1024² image of the cut
+with the GPU's busy time against the wall time, patch sampling with DeepCache's forecast feature, the UNet compiled
+for one batch shape (0.66 against the dynamic graph's 0.80 ms per sample-forward), then the compiled patch rows:
 
     python bench/run_all.py --out $OUT --only VQ cut profile patches "UNet compile static" --budget 480
+    python bench/run_all.py --out $OUT --only "UNet compile" patches --budget 470
 
-Rows: ms per UNet sample-forward at batch 34 and 128 (bf16 autocast, channels-last, eager and torch.compile);
+Not run on a GPU yet (~9 min; timeout ~590 s): the eager UNet in NCHW against channels-last (the profile's
+copies), and patch sampling and the cut on the UNet compiled per batch shape (`sample.compile: static`; the first
+`cut` compiles the 4096² image's two batch shapes inside its timing, the second is warm):
+
+    python bench/run_all.py --out $OUT --only "UNet eager" VQ "UNet compile static" patches cut cut --budget 530
+
+Rows: ms per UNet sample-forward at batch 34 and 128 (bf16 autocast; eager channels-last and NCHW; torch.compile
+with one dynamic-shape graph, and with a graph per batch shape);
 ms per VQ decode of one patch (fp32, bf16, compiled bf16) and of its codebook search alone; patch images/s at
 50 DDIM steps + CFG (batch 64, bf16 VQ decode), without and with DeepCache feature reuse
 (`sample.patches.cache_every`; at N = 5 also with the forecast, `cache_forecast`), with the share of the UNet
@@ -102,6 +109,15 @@ def ms_per_patch(fn, batch: int, device, reps: int = 3, warm: bool = True) -> fl
     return s / (reps * batch) * 1e3
 
 
+STATIC = set()     # ids of models whose UNet graphs were compiled per batch shape ("UNet compile static")
+
+
+def nets_label(m) -> str:
+    """The networks a sampling section runs: eager or compiled (dynamic-shape or static) UNet, eager or compiled VQ."""
+    unet = "eager UNet" if m.unet_fn is None else "static-compiled UNet" if id(m) in STATIC else "compiled UNet"
+    return unet + (" + compiled VQ" if m.vq_decode_fn is not None else ", eager VQ")
+
+
 def row(section: str, setting: str, value: str, note: str = "", out: Path | None = None, **extra) -> None:
     ROWS.append(dict(section=section, setting=setting, value=value, note=note, **extra))
     print(f"| {section} | {setting} | {value} | {note} |", flush=True)
@@ -110,17 +126,23 @@ def row(section: str, setting: str, value: str, note: str = "", out: Path | None
 
 
 # ------------------------------------------------------------------------------------------------ sections
-def unet_rows(m, device, batches, iters, out, compiled):
-    """Eager rows, or the compiled model's rows when `compiled` is given."""
+def unet_rows(m, device, batches, iters, out, compiled, mode="compile"):
+    """Eager rows (channels-last, as the samplers run it, and NCHW: does eager GroupNorm's layout copy of
+    channels-last activations cost more than channels-last saves in the convolutions?), or the compiled model's
+    rows when `compiled` is given (labelled `mode`)."""
     side = m.unet.config.image_size
     amp = device.type == "cuda"
-    for mode, fn in [("compile", compiled)] if compiled is not None else [("eager", m.unet)]:
+    runs = [(mode, compiled, True)] if compiled is not None else [("eager", m.unet, True), ("eager, NCHW", m.unet, False)]
+    for label, fn, channels_last in runs:
+        if compiled is None:
+            m.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         for b in batches:
-            ms = time_forward(fn, b, side, device, amp, iters, 3, config=m.unet.config)
+            ms = time_forward(fn, b, side, device, amp, iters, 3, config=m.unet.config, channels_last=channels_last)
             tflops = PAPER_GFLOP * b / ms if side == 64 else float("nan")
-            row("UNet forward", f"batch {b}, {'bf16' if amp else 'fp32'}, {mode}", f"{ms / b:.3f} ms/sample",
+            row("UNet forward", f"batch {b}, {'bf16' if amp else 'fp32'}, {label}", f"{ms / b:.3f} ms/sample",
                 f"{tflops:.0f} TFLOP/s" if side == 64 else "small preset", out, ms_per_sample=ms / b,
-                batch=b, mode=mode)
+                batch=b, mode=label)
+    m.unet.to(memory_format=torch.channels_last)          # the samplers' layout
 
 
 def vq_rows(m, device, out, compile_vq=False):
@@ -183,7 +205,7 @@ def patch_rows(m, device, d, out, n=64, steps=50,
     m.vq_dtype = torch.bfloat16 if device.type == "cuda" else None
     side, cdim = m.unet.config.image_size, m.unet.config.context_dim
     full_gflop = gflop_per_sample(m.unet, side, cdim)
-    nets = "compiled UNet" if m.unet_fn is not None else "eager UNet"
+    nets = nets_label(m)
 
     def run(k, every, branch, forecast):
         with dn.autocast(device, "auto", "patches"):
@@ -199,7 +221,7 @@ def patch_rows(m, device, d, out, n=64, steps=50,
         share = (c.unet * full_gflop + c.unet_cached * shallow) / ((c.unet + c.unet_cached) * full_gflop)
         setting = ("no cache (reference)" if every == 1 else
                    f"DeepCache every {every}, branch {branch}{', forecast' if forecast else ''}")
-        row("patch sampling", f"{n} images, {steps} DDIM steps + CFG, bf16, {nets}, {setting}",
+        row("patch sampling", f"{n} images, {steps} DDIM steps + CFG, bf16 ({nets}), {setting}",
             f"{n / s:.1f} images/s", f"{c.unet:,} whole + {c.unet_cached:,} shallow sample-forwards, "
             f"{100 * share:.0f}% of the reference's UNet FLOPs", out, images_per_s=n / s, cache_every=every,
             cache_branch=branch, cache_forecast=forecast, flop_share=share)
@@ -283,8 +305,7 @@ def cut_rows(m, device, d, out, budget, smoke, plan):
     lin = dn.linear_vq_for(m)              # random codebook latents: random weights have no store
     row("linear VQ fit", "64 latents, least squares", f"{time.perf_counter() - t0:.2f} s", "once per run", out)
     steps = 2 if smoke else 20
-    nets = "compiled UNet" if m.unet_fn is not None else "eager UNet"
-    nets += " + compiled VQ" if m.vq_decode_fn is not None else ", eager VQ"
+    nets = nets_label(m)
     stride = cut.decode_stride or half_stride(h)
     for grid, n_con, n_dec, warm in plan:
         if grid == 16 and budget.left() < 60:
@@ -445,18 +466,20 @@ def main() -> None:
             f"{time.perf_counter() - t0:.0f} s", "", args.out)
 
     def compile_static():
-        """The UNet compiled for one batch shape (dynamic=False) at batch 128, the patch sampler's CFG batch: does
-        the samplers' dynamic-shape graph (0.80 ms per sample-forward) leave speed behind? (The official UNet
-        compiled, presumably static: 0.61 ms, issue 8.) Timing only; the samplers keep their graphs."""
+        """The UNet compiled for each batch shape it meets (`sample.compile: static`, dynamic=False) at batch 128
+        (the patch sampler's CFG batch) and 34 (a 1024² cut step): does the samplers' dynamic-shape graph (0.80 ms
+        per sample-forward) leave speed behind? (The official UNet compiled, presumably static: 0.61 ms, issue 8.)
+        The graphs replace the model's: a later `patches` or `cut` section samples with them."""
         if args.no_compile or not cuda:
             row("UNet forward", "compile static", "skipped", "--no-compile" if cuda else "CPU", args.out)
             return
-        fn = torch.compile(m.unet.forward, dynamic=False)
+        dn.compile_networks(m, vq=False, dynamic=False)
+        STATIC.add(id(m))
         t0 = time.perf_counter()
-        ms = time_forward(fn, 128, m.unet.config.image_size, device, True, 20, 3, config=m.unet.config)
-        row("UNet forward", "batch 128, bf16, torch.compile(dynamic=False)", f"{ms / 128:.3f} ms/sample",
-            f"{PAPER_GFLOP * 128 / ms:.0f} TFLOP/s; compile + timing {time.perf_counter() - t0:.0f} s", args.out,
-            ms_per_sample=ms / 128, batch=128, mode="compile-static")
+        unet_rows(m, device, [128, 34], 20, args.out, lambda x, t, c: m.unet_fn(x, t, c, 0)[0],
+                  "torch.compile(dynamic=False)")
+        row("UNet forward", "torch.compile(dynamic=False) wall time, two shapes' compiles included",
+            f"{time.perf_counter() - t0:.0f} s", "", args.out)
 
     def free_sampling():
         m.unet_fn = m.unet_cached_fn = m.vq_decode_fn = m.vq_codes_fn = None

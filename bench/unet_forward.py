@@ -45,13 +45,13 @@ def gflop_per_sample(model: UNet, side: int, context_dim: int, cached_branch: in
 
 
 def time_forward(model, batch: int, side: int, device: torch.device, bf16: bool, iters: int,
-                 warmup: int, config: UNetConfig | None = None) -> float:
+                 warmup: int, config: UNetConfig | None = None, channels_last: bool = True) -> float:
     """Median milliseconds of one batched forward of `model(x, t, context)`: a UNet, or any callable given the
-    UNet's `config` (e.g. a compiled `UNet.forward_caching` wrapped to return ε)."""
+    UNet's `config` (e.g. a compiled `UNet.forward_caching` wrapped to return ε); x channels-last unless told."""
     cfg = config or model.config
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, cfg.in_channels, side, side, generator=g).to(device)
-    x = x.to(memory_format=torch.channels_last)
+    x = x.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
     ctx = torch.randn(batch, 65, cfg.context_dim, generator=g).to(device)
     cuda = device.type == "cuda"

@@ -1,7 +1,7 @@
 """The compiled networks of the CUDA fast path (issue #8), checked on CPU: `compile_networks` wires the UNet, the
 VQ decoder and the codebook search through torch.compile, the compiled decode gives the eager result and
-quantises once, one graph serves every batch size > 1 and both memory formats, and the kernel cache directory is
-honoured."""
+quantises once, one graph serves every batch size > 1 and both memory formats (the static compile: one per batch shape), and the
+kernel cache directory is honoured."""
 from __future__ import annotations
 
 import os
@@ -179,14 +179,44 @@ def test_the_compiled_search_serves_decode_and_quantize_once_and_batch_one_stays
 
 
 def test_fast_path_compiles_what_compile_says_on_cuda(monkeypatch):
-    """`compile="vq"` compiles the VQ only, True the UNet too, False nothing (CUDA faked: the wiring, not the
-    compile)."""
+    """`compile="vq"` compiles the VQ only, True the UNet too (one dynamic-shape graph), "static" the UNet with a
+    graph per batch shape, False nothing (CUDA faked: the wiring, not the compile)."""
     calls = []
     monkeypatch.setattr(dn.LatentModel, "device", property(lambda self: torch.device("cuda")))
-    monkeypatch.setattr(dn, "compile_networks", lambda m, compile_cache=None, unet=True: calls.append(unet))
-    for value in (False, "vq", True):
+    monkeypatch.setattr(dn, "compile_networks",
+                        lambda m, compile_cache=None, unet=True, dynamic=True: calls.append((unet, dynamic)))
+    for value in (False, "vq", True, "static"):
         dn.fast_path(tiny_model(), compile=value)
-    assert calls == [False, True]
+    assert calls == [(False, True), (True, True), (True, False)]
+
+
+@torch.no_grad()
+def test_static_compile_builds_a_graph_per_batch_shape_and_gives_the_eager_result():
+    """`dynamic=False` (sample.compile: static): a batch shape met before reuses its graph, a new one compiles
+    another (the dynamic graph would not), the shallow DeepCache branch too, and torch's recompile limit is raised
+    so that the samplers' few shapes never fall back to eager."""
+    m = live_model()
+    x, t, ctx = torch.randn(4, 3, 8, 8), torch.tensor([1, 200, 500, 999]), torch.randn(4, 5, 32)
+    want, want3 = m.model_fn(x, t, ctx), m.model_fn(x[:3], t[:3], ctx[:3])
+    backend = CountingBackend()
+    with torch._dynamo.config.patch(recompile_limit=8):            # torch's default; restored after
+        dn.compile_networks(m, backend=backend, dynamic=False)
+        assert torch._dynamo.config.recompile_limit == dn.STATIC_SHAPES
+    got = m.model_fn(x, t, ctx)
+    n = backend.graphs
+    assert n >= 1 and torch.equal(m.model_fn(x, t, ctx), got) and backend.graphs == n     # same shape: no compile
+    got3 = m.model_fn(x[:3], t[:3], ctx[:3])
+    assert backend.graphs > n                                                             # a new shape: its own graph
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got3, want3, rtol=1e-4, atol=1e-5)
+    eps_fn = m.cached_model_fn(every=2)
+    full = eps_fn(x, t, ctx)                                                              # whole UNet: graph reused
+    k = backend.graphs
+    shallow = eps_fn(x, t, ctx)                                                           # the shallow branch's graph
+    assert backend.graphs > k and m.counter.unet_cached == 4
+    deep = m.unet.forward_caching(x, t, ctx, 0)[1]
+    torch.testing.assert_close(full, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(shallow, m.unet.forward_cached(x, t, ctx, deep, 0), rtol=1e-4, atol=1e-5)
 
 
 @torch.no_grad()
@@ -216,7 +246,7 @@ def test_compile_vq_leaves_the_unet_eager_and_fast_path_rejects_other_values():
     dn.compile_networks(m, backend=CountingBackend(), vq=False)
     assert m.unet_fn is not None and m.unet_cached_fn is not None and m.vq_decode_fn is None and m.vq_codes_fn is None
     for bad in ("unet", 1, None):
-        with pytest.raises(ValueError, match="compile must be false, true or 'vq'"):
+        with pytest.raises(ValueError, match="compile must be false, true, 'static' or 'vq'"):
             dn.fast_path(tiny_model(), compile=bad)
     assert dn.fast_path(tiny_model(), compile="vq") is not None       # CPU: accepted, a no-op
 
