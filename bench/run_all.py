@@ -10,10 +10,10 @@ runs the named ones in the order it names them, and also runs the opt-in "UNet c
 per batch shape, `sample.compile: static`; the later sections sample with it). "cut" times the cut's paper
 setting (1 real decode in every 3 steps) at 1024² and 4096² on the networks compiled so far. Without --no-compile,
 "UNet compile" compiles the UNet (255-320 s on an H100) and VQ compiles the decoder (~17-25 s); every later section
-then samples with them (rows say "compiled"). The issue-8 rows on one H100 (2026-11-27, eighth session; bench/RESULTS.md), run A (~8 min: the
-VQ and the cut's rows, patch sampling without and with DeepCache on the eager UNet, then on the compiled one) and,
-on the same warm machine, run B (~3 min: the cut's rows on the eager and then on the compiled UNet, compiled from
-run A's kernel cache):
+then samples with them (rows say "compiled"). The issue-8 rows on one H100 (2026-11-27, eighth session;
+bench/RESULTS.md), run A (~8 min: the VQ and the cut's rows, patch sampling without and with DeepCache on the eager
+UNet, then on the compiled one) and, on the same warm machine, run B (~3 min: the cut's rows on the eager and then
+on the compiled UNet, compiled from run A's kernel cache):
 
     python bench/run_all.py --out $OUT --only VQ cut patches "UNet compile" patches --budget 500
     python bench/run_all.py --out $OUT --only VQ cut "UNet compile" cut --budget 310
@@ -132,7 +132,8 @@ def unet_rows(m, device, batches, iters, out, compiled, mode="compile"):
     rows when `compiled` is given (labelled `mode`)."""
     side = m.unet.config.image_size
     amp = device.type == "cuda"
-    runs = [(mode, compiled, True)] if compiled is not None else [("eager", m.unet, True), ("eager, NCHW", m.unet, False)]
+    runs = ([(mode, compiled, True)] if compiled is not None else
+            [("eager", m.unet, True), ("eager, NCHW", m.unet, False)])
     for label, fn, channels_last in runs:
         if compiled is None:
             m.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -1,7 +1,7 @@
 """The compiled networks of the CUDA fast path (issue #8), checked on CPU: `compile_networks` wires the UNet, the
 VQ decoder and the codebook search through torch.compile, the compiled decode gives the eager result and
-quantises once, one graph serves every batch size > 1 and both memory formats (the static compile: one per batch shape), and the
-kernel cache directory is honoured."""
+quantises once, one graph serves every batch size > 1 and both memory formats (the static compile: one per batch
+shape), and the kernel cache directory is honoured."""
 from __future__ import annotations
 
 import os

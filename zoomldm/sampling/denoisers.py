@@ -274,14 +274,15 @@ def compile_networks(m: LatentModel, backend: str = "inductor", compile_cache: s
     """torch.compile, in place, of the UNet forward (as `UNet.forward_caching`, whose branch-0 graph also serves
     DeepCache's full steps: another `cache_branch` compiles the whole UNet once more; and `forward_cached` for the
     shallow steps, a small graph); with `dynamic` one graph for every batch size, else a graph for each batch shape
-    met (up to `STATIC_SHAPES`; faster per forward, quicker to compile per shape); skipped with `unet=False`), of the VQ decoder after the codebook search, and of the codebook search itself in float32
+    met (up to `STATIC_SHAPES`; faster per forward, quicker to compile per shape); skipped with `unet=False`), of
+    the VQ decoder after the codebook search, and of the codebook search itself in float32
     (`VectorQuantizer.codes_direct`: one fused reduction instead of streaming the distance matrix; both VQ graphs
-    skipped with `vq=False`). `LatentModel`
-    marks the batch dimension dynamic: one graph for every batch > 1; batch 1, the guide, stays eager: a 1-of-257
-    share of the decodes is not worth a second compile. Compiling happens at the first call of each (the paper
-    UNet: 270-320 s on an H100, 89 s from the kernel cache; the VQ decoder: 17-25 s); `compile_cache` points the
-    kernel cache (TORCHINDUCTOR_CACHE_DIR, unless set in the environment) at a directory that outlives the job, so
-    later jobs reuse the kernels."""
+    skipped with `vq=False`). `LatentModel` marks the VQ's batch dimension dynamic: one graph for every batch > 1;
+    batch 1, the guide, stays eager: a 1-of-257 share of the decodes is not worth a second compile. Compiling
+    happens at the first call of each (the paper UNet: 270-320 s on an H100, 89 s from the kernel cache, about a
+    minute per shape static; the VQ decoder: 17-25 s); `compile_cache` points the kernel cache
+    (TORCHINDUCTOR_CACHE_DIR, unless set in the environment) at a directory that outlives the job, so later jobs
+    reuse the kernels."""
     if compile_cache is not None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         path = Path(compile_cache).resolve()
         try:                                 # now, not deep inside the first compile after minutes of work
