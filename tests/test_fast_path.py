@@ -304,3 +304,29 @@ def test_the_guide_and_patches_in_one_unet_call_equal_separate_calls():
     assert m.counter.unet == 2 * 3 + 2 * 3 + 2 * 2
     torch.testing.assert_close(both, apart, rtol=1e-4, atol=1e-5)
     assert (wrong - apart[1:]).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_a_short_batch_padded_to_the_static_shape_gives_its_items_and_compiles_nothing_new():
+    """`sample_patch_latents(pad_to=)`, which `zoomldm sample patches` uses under `sample.compile: static`: a
+    shard's last, shorter batch runs at the full batch's shape (no new graph) and returns the latents of its own
+    items, those of the unpadded run."""
+    m = live_model()
+    ctx = torch.randn(5, 5, 32, generator=torch.Generator().manual_seed(3))
+    want = dn.sample_patch_latents(m, ctx[:3], [0, 1, 2], seed=7, steps=5, cache_every=2, cache_forecast=True)
+    assert m.counter.unet + m.counter.unet_cached == 3 * 2 * 6                # PLMS: 6 evaluations, CFG: 2 halves
+    dn.compile_networks(m, backend=(backend := CountingBackend()), vq=False, dynamic=False)
+    assert m.static_batch
+    dn.sample_patch_latents(m, ctx, [3, 4, 5, 6, 7], seed=7, steps=5, cache_every=2, cache_forecast=True)
+    graphs, m.counter = backend.graphs, dn.Counter()
+    got = dn.sample_patch_latents(m, ctx[:3], [0, 1, 2], seed=7, steps=5, cache_every=2, cache_forecast=True,
+                                  pad_to=5)
+    assert backend.graphs == graphs and got.shape == want.shape               # the full batch's graphs served it
+    assert m.counter.unet + m.counter.unet_cached == 5 * 2 * 6                # the padding ran (and is counted)
+    assert want.abs().mean() > 0.1
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-4)                 # channels-last, batch 5: rounding
+    swapped = dn.sample_patch_latents(m, ctx[[1, 0, 2]], [0, 1, 2], seed=7, steps=5, cache_every=2,
+                                      cache_forecast=True, pad_to=5)                # items 0 and 1 swap contexts
+    assert (swapped - want).abs().max() > 100 * 2e-4                          # the tolerance can tell items apart
+    full = dn.sample_patch_latents(m, ctx[:3], [0, 1, 2], seed=7, steps=5, pad_to=3)   # no padding needed
+    assert full.shape[0] == 3

@@ -139,6 +139,30 @@ def test_patch_feature_cache_is_recorded_changes_the_images_and_checks_its_branc
     assert not (tmp_path / "bad" / "images-00000.npy").exists()
 
 
+def test_a_static_compiled_unet_gets_every_batch_at_the_full_batch_size(env, tmp_path, monkeypatch):
+    """Under `sample.compile: static` (faked here: CPU compiles nothing) the last, shorter batch is padded to
+    `--batch-size` (one compiled shape), and the images are those of the unpadded run; otherwise no padding."""
+    from zoomldm.sampling import denoisers as dn
+    from zoomldm.sampling.io import read_patch_set
+    base = ["patches", "--config", env["config"], "--ckpt", env["ckpt"], "--mag", "5x", "--n", 3, "--steps", 5,
+            "--batch-size", 2, "--no-progress"]
+    seen, real = [], dn.sample_patch_latents
+    monkeypatch.setattr(dn, "sample_patch_latents", lambda m, ctx, idx, *a, **k:
+                        seen.append((len(idx), k["pad_to"])) or real(m, ctx, idx, *a, **k))
+    ok(run(*base, "--out", tmp_path / "dynamic"))
+    assert seen == [(2, None), (1, None)]
+    real_fast_path = dn.fast_path
+
+    def static(m, *a, **k):
+        m.static_batch = True
+        return real_fast_path(m, *a, **k)
+    monkeypatch.setattr(dn, "fast_path", static)
+    seen.clear()
+    ok(run(*base, "--out", tmp_path / "static"))
+    assert seen == [(2, 2), (1, 2)]
+    np.testing.assert_array_equal(read_patch_set(tmp_path / "static")[0], read_patch_set(tmp_path / "dynamic")[0])
+
+
 def test_patch_shards_resume_and_cdm_conditioning(env, tmp_path):
     out = tmp_path / "cdm"
     args = ["patches", "--config", env["config"], "--ckpt", env["ckpt"], "--mag", "20x", "--out", out, "--n", 3,

@@ -280,11 +280,12 @@ class SampleConfig:
     # and the codebook search (the UNet's compile on an H100, 270-320 s fresh or 89 s from the kernel cache,
     # pays back after ~150k-530k sample-forwards, 15-50 images at 4096²); static = the same with the UNet compiled
     # for each batch shape it meets (a graph per shape, ~1 min of compile each on an H100; 0.66 instead of 0.80
-    # ms per sample-forward at batch 128: for jobs of one or two batch shapes, e.g. a patch shard); vq = the VQ
-    # decoder and codebook search only (seconds; bf16 decodes 3.1x faster on an H100); false = none. It applies
-    # to every sampling command of the run, the reference joint sampler's fp32 VQ included. vq_precision: VQ
-    # passes in bf16 (fp32 is the official choice and what the reference joint sampler's finite differences
-    # through the encoder need; the cut has its own, sample.large.cut.vq_precision).
+    # ms per sample-forward at batch 128: for jobs of few batch shapes; `sample patches` pads a shard's last
+    # batch to the full size, so a patch job meets one); vq = the VQ decoder and codebook search only (seconds;
+    # bf16 decodes 3.1x faster on an H100); false = none. It applies to every sampling command of the run, the
+    # reference joint sampler's fp32 VQ included. vq_precision: VQ passes in bf16 (fp32 is the official choice
+    # and what the reference joint sampler's finite differences through the encoder need; the cut has its own,
+    # sample.large.cut.vq_precision).
     # compile_cache: directory of the compiled kernels, shared by the jobs (TORCHINDUCTOR_CACHE_DIR; relative to
     # the working directory; null: torch's default under /tmp, which a cluster node may not keep between jobs).
     compile: bool | Literal["vq", "static"] = False

@@ -180,7 +180,8 @@ def _sample_patch_shards(shards, todo, ckpt, cond, cdm_ckpt, vq_path, mag, cfg, 
                     ctx = dn.sample_cdm_contexts(cdm, len(idx), mg.index, dn.stream_seed(seed, "patches-cdm",
                                                  mg.name), cdm_steps, indices=idx, batch_size=len(idx))
                 latents = dn.sample_patch_latents(m, ctx, idx, x_seed, steps, scale, cache_every=cache_every,
-                                                  cache_branch=cache_branch, cache_forecast=cache_forecast)
+                                                  cache_branch=cache_branch, cache_forecast=cache_forecast,
+                                                  pad_to=batch if m.static_batch else None)
                 images = to_uint8(m.decode(latents))
             meta = []
             for i, r in zip(idx, rows):

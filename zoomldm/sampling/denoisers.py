@@ -93,6 +93,7 @@ class LatentModel:
     vq_decode_fn = None                 # set by `fast_path`: the compiled VQ decoder (latents already quantised)
     vq_codes_fn = None                  # set by `fast_path`: the compiled search (VectorQuantizer.codes_direct)
     vq_dtype: torch.dtype | None = None  # set by `fast_path`: VQ autocast dtype (None: float32)
+    static_batch = False                # set by `compile_networks(dynamic=False)`: a UNet graph per batch shape
 
     def _whole_unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                     branch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,6 +299,7 @@ def compile_networks(m: LatentModel, backend: str = "inductor", compile_cache: s
             setattr(dynamo, name, max(getattr(dynamo, name), STATIC_SHAPES))
         m.unet_fn = torch.compile(m.unet.forward_caching, dynamic=dynamic, backend=backend)
         m.unet_cached_fn = torch.compile(m.unet.forward_cached, dynamic=dynamic, backend=backend)
+        m.static_batch = not dynamic
     if vq:
         vq_model = m.vq
         m.vq_decode_fn = torch.compile(lambda z: vq_model.decode(z, quantize=False), backend=backend)
@@ -534,17 +536,26 @@ def sample_cdm_contexts(cdm: ConditionDiT, n: int, mag: int, seed: int, steps: i
 @torch.no_grad()
 def sample_patch_latents(m: ZoomLDM, context: torch.Tensor, indices: Sequence[int], seed: int,
                          steps: int = 50, scale: float = 1.75, sampler: str = "plms", cache_every: int = 1,
-                         cache_branch: int = 0, cache_forecast: bool = False) -> torch.Tensor:
+                         cache_branch: int = 0, cache_forecast: bool = False,
+                         pad_to: int | None = None) -> torch.Tensor:
     """Latents (N, 3, h, h) of items `indices`: x_T from item i of stream `seed`, then PLMS (default) or
     DDIM η = 0 with CFG s = `scale` (standard form), the UNet's deep features reused (or, with `cache_forecast`,
     extrapolated) between every `cache_every`-th evaluation (1: off; `patch_eps_fn`). `m`: a ZoomLDM or any
-    `LatentModel` with a `schedule` (the Graikos patch LDM)."""
+    `LatentModel` with a `schedule` (the Graikos patch LDM). `pad_to`: a shorter batch runs padded to that many
+    items (copies of its last one, dropped after), so that a UNet compiled per batch shape (`static_batch`) meets
+    one shape, not one more for a shard's last batch (a minute of compile for the paper UNet, against a few
+    items' sampling); the items' latents are the unpadded ones, up to the rounding of another batch size."""
     c = m.unet.config
+    n = len(indices)
     x_T = randn_items(seed, indices, (c.in_channels, c.image_size, c.image_size), m.device)
-    eps_fn = patch_eps_fn(m, context.to(m.device), scale, cache_every, cache_branch, cache_forecast)
+    context = context.to(m.device)
+    if pad_to is not None and 0 < n < pad_to:
+        x_T = torch.cat([x_T, x_T[-1:].expand(pad_to - n, *x_T.shape[1:])])
+        context = torch.cat([context, context[-1:].expand(pad_to - n, *context.shape[1:])])
+    eps_fn = patch_eps_fn(m, context, scale, cache_every, cache_branch, cache_forecast)
     if sampler == "plms":
-        return plms_sample(eps_fn, x_T, m.schedule, steps)
-    return ddim_sample(eps_fn, x_T, m.schedule, steps)
+        return plms_sample(eps_fn, x_T, m.schedule, steps)[:n]
+    return ddim_sample(eps_fn, x_T, m.schedule, steps)[:n]
 
 
 # ---------------------------------------------------------------------------------------------------------
