@@ -109,12 +109,9 @@ def ms_per_patch(fn, batch: int, device, reps: int = 3, warm: bool = True) -> fl
     return s / (reps * batch) * 1e3
 
 
-STATIC = set()     # ids of models whose UNet graphs were compiled per batch shape ("UNet compile static")
-
-
 def nets_label(m) -> str:
     """The networks a sampling section runs: eager or compiled (dynamic-shape or static) UNet, eager or compiled VQ."""
-    unet = "eager UNet" if m.unet_fn is None else "static-compiled UNet" if id(m) in STATIC else "compiled UNet"
+    unet = "eager UNet" if m.unet_fn is None else "static-compiled UNet" if m.static_batch else "compiled UNet"
     return unet + (" + compiled VQ" if m.vq_decode_fn is not None else ", eager VQ")
 
 
@@ -445,7 +442,7 @@ def main() -> None:
                                              None)),
         ("cut", 60, lambda: cut_rows(m, device, d, args.out, budget, args.smoke,
                                      [(4, None, k, True), (4, None, k, False), (16 if cuda else 4, None, k, False)])),
-        ("UNet compile", 200, lambda: compile_and_time()),
+        ("UNet compile", 200, lambda: compile_unet(dynamic=True)),
         ("VQ", 20, lambda: vq_rows(m, device, args.out, cuda and not args.no_compile)),
         ("patches", 45, lambda: patch_rows(m, device, d, args.out,
                                                  *((args.patch_images, 50) if cuda else (2, 5)))),
@@ -453,34 +450,27 @@ def main() -> None:
         ("diag", 15, lambda: diag_rows(m, device, args.out)),
         ("profile", 30, lambda: profile_rows(m, device, d, args.out, args.smoke)),
         ("training", 40, lambda: (free_sampling(), train_rows(device, preset, args.out))),
-        ("UNet compile static", 200, lambda: compile_static()),
+        ("UNet compile static", 200, lambda: compile_unet(dynamic=False)),
     ]
 
-    def compile_and_time():
+    def compile_unet(dynamic: bool):
+        """The samplers' UNet graphs (`dn.compile_networks`; the VQ section compiles the VQ), timed at batch 128
+        (the patch sampler's CFG batch) and 34 (a 1024² cut step); every later section samples with them. With
+        `dynamic`, one graph for every batch size (`sample.compile: true`); without, one per batch shape
+        (`sample.compile: static`): does the dynamic graph (0.80 ms per sample-forward) leave speed behind? (The
+        official UNet compiled, presumably static: 0.61 ms, issue 8.)"""
+        mode = f"torch.compile(dynamic={dynamic})"
         if args.no_compile or not cuda:
-            row("UNet forward", "compile", "skipped", "--no-compile" if cuda else "CPU", args.out)
+            row("UNet forward", "compile" if dynamic else "compile static", "skipped",
+                "--no-compile" if cuda else "CPU", args.out)
             return
-        dn.compile_networks(m, vq=False)       # the samplers' UNet graphs (the VQ section compiles the VQ)
-        t0 = time.perf_counter()
-        unet_rows(m, device, [128, 34], 20, args.out, lambda x, t, c: m.unet_fn(x, t, c, 0)[0])
-        row("UNet forward", "torch.compile(dynamic=True) wall time, compile included",
-            f"{time.perf_counter() - t0:.0f} s", "", args.out)
-
-    def compile_static():
-        """The UNet compiled for each batch shape it meets (`sample.compile: static`, dynamic=False) at batch 128
-        (the patch sampler's CFG batch) and 34 (a 1024² cut step): does the samplers' dynamic-shape graph (0.80 ms
-        per sample-forward) leave speed behind? (The official UNet compiled, presumably static: 0.61 ms, issue 8.)
-        The graphs replace the model's: a later `patches` or `cut` section samples with them."""
-        if args.no_compile or not cuda:
-            row("UNet forward", "compile static", "skipped", "--no-compile" if cuda else "CPU", args.out)
-            return
-        dn.compile_networks(m, vq=False, dynamic=False)
-        STATIC.add(id(m))
+        dn.compile_networks(m, vq=False, dynamic=dynamic)
         t0 = time.perf_counter()
         unet_rows(m, device, [128, 34], 20, args.out, lambda x, t, c: m.unet_fn(x, t, c, 0)[0],
-                  "torch.compile(dynamic=False)")
-        row("UNet forward", "torch.compile(dynamic=False) wall time, two shapes' compiles included",
-            f"{time.perf_counter() - t0:.0f} s", "", args.out)
+                  "compile" if dynamic else mode)
+        compiles = "compile" if dynamic else "two shapes' compiles"
+        row("UNet forward", f"{mode} wall time, {compiles} included", f"{time.perf_counter() - t0:.0f} s", "",
+            args.out)
 
     def free_sampling():
         m.unet_fn = m.unet_cached_fn = m.vq_decode_fn = m.vq_codes_fn = None
